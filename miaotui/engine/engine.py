@@ -1,0 +1,199 @@
+"""The engine loop: requests in, one scheduled forward pass per step, text deltas out.
+
+prompt ids -> Scheduler.schedule() -> ModelRunner.prepare/execute -> sample()
+           -> Scheduler.update_from_output() -> detokenize, stop strings -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from miaotui.config import CacheConfig
+from miaotui.engine.block_pool import BlockPool
+from miaotui.engine.request import Request, RequestStatus
+from miaotui.engine.runner import ModelRunner
+from miaotui.engine.sampler import SampledToken, make_generator, sample
+from miaotui.engine.scheduler import Scheduler, SchedulerConfig
+from miaotui.errors import InvalidRequestError
+from miaotui.sampling_params import SamplingParams
+from miaotui.tokenizer import IncrementalDetokenizer, StopStringMatcher, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What a request produced so far (cumulative), plus the newest delta for streaming."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[SampledToken] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+@dataclass
+class _RequestState:
+    """Driver-side state of one request: sampling, detokenizing, stop strings, timings."""
+
+    request: Request
+    params: SamplingParams
+    generator: torch.Generator | None
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    text: str = ""
+    logprobs: list[SampledToken] = field(default_factory=list)
+    first_token_time: float | None = None
+    emitted_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: TextTokenizer,
+        num_blocks: int,
+        cache: CacheConfig,
+        sched: SchedulerConfig,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.block_pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(sched, self.block_pool)
+        self.config = sched
+        self.states: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Queue a request (n must be 1 here; callers fan out n > 1). Returns its id."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.states:
+            raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
+        eos = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            eos |= self.tokenizer.stop_ids
+        req = Request(rid, ids, params.max_tokens, params, frozenset(eos))
+        self.scheduler.add_request(req)
+        gen = make_generator(params.seed) if not params.greedy else None
+        self.states[rid] = _RequestState(
+            req,
+            params,
+            gen,
+            IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+            StopStringMatcher(list(params.stop)),
+        )
+        return rid
+
+    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+        limit = self.config.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the context holds {limit}; "
+                f"shorten it to at most {limit - 1} tokens",
+                "prompt",
+            )
+        bad = [t for t in ids if not 0 <= t < self.runner.model.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown ids are ignored)."""
+        self.scheduler.abort_request(request_id)
+        self.states.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        inp = self.runner.prepare(out.scheduled)
+        logits = self.runner.execute(inp)
+        states = [self.states[rid] for rid in inp.sample_ids]
+        tokens = sample(
+            logits,
+            [s.params for s in states],
+            [s.request.prompt_token_ids for s in states],
+            [s.request.output_token_ids for s in states],
+            [s.generator for s in states],
+        )
+        self.num_prompt_tokens += sum(self._prompt_tokens_in(s) for s in out.scheduled)
+        for st, tok in zip(states, tokens):
+            if st.params.logprobs is not None:
+                st.logprobs.append(tok)
+        updated = self.scheduler.update_from_output(
+            out, {rid: t.token_id for rid, t in zip(inp.sample_ids, tokens)}
+        )
+        self.num_generation_tokens += len(updated)
+        return [self._output(self.states[r.request_id]) for r in updated]
+
+    def _prompt_tokens_in(self, s) -> int:
+        num_prompt = len(self.states[s.request_id].request.prompt_token_ids)
+        return max(0, min(s.start_pos + len(s.token_ids), num_prompt) - s.start_pos)
+
+    def _output(self, st: _RequestState) -> RequestOutput:
+        req = st.request
+        now = time.monotonic()
+        if st.first_token_time is None:
+            st.first_token_time = now
+        new_tokens = req.output_token_ids[st.emitted_tokens :]
+        st.emitted_tokens = req.num_output_tokens
+        delta = ""
+        stopped = False
+        for t in new_tokens:
+            if t in req.eos_token_ids and req.status == RequestStatus.FINISHED_STOPPED:
+                continue
+            piece, stopped = st.stops.feed(st.detok.add(t))
+            delta += piece
+            if stopped:
+                self.scheduler.finish_request(
+                    req.request_id, RequestStatus.FINISHED_STOPPED, "stop_string"
+                )
+                break
+        if req.is_finished and not stopped:
+            delta += st.stops.flush()
+        st.text += delta
+        finished = req.is_finished
+        if finished:
+            self.states.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=st.text,
+            delta_text=delta,
+            delta_token_ids=new_tokens,
+            finished=finished,
+            finish_reason=req.status.finish_reason,
+            logprobs=st.logprobs,
+            num_cached_tokens=req.num_cached_tokens,
+            arrival_time=req.arrival_time,
+            first_token_time=st.first_token_time,
+            finish_time=now if finished else None,
+        )

@@ -1,0 +1,88 @@
+"""Scheduler output -> one forward pass: packs the step's tokens, builds attention addressing
+and returns the logits of the rows that need sampling. Sampling itself stays on the driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from miaotui.config import CacheConfig
+from miaotui.engine.scheduler import ScheduledRequest
+from miaotui.model.attention import AttentionMetadata, build_attention_metadata
+from miaotui.model.kv_cache import Int8KVCache, KVCache, kv_bytes_per_token
+from miaotui.model.transformer import Transformer
+
+
+@dataclass
+class ModelInput:
+    """Everything one forward pass needs; the message a driver sends to model-parallel workers."""
+
+    input_ids: torch.Tensor
+    """(N,) packed new tokens of all scheduled requests."""
+    meta: AttentionMetadata
+    logits_index: torch.Tensor
+    """(S,) rows of the packed batch whose logits are sampled."""
+    sample_ids: list[str]
+    """Request ids of those rows, in order."""
+
+
+def num_cache_blocks(model: Transformer, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """Blocks that fit the configured KV memory (or the configured count)."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    c = model.config
+    per_token = kv_bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim, cache.kv_dtype, dtype)
+    return max(2, int(cache.memory_gib * 2**30) // (per_token * cache.block_size))
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: CacheConfig,
+        num_blocks: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.model = model
+        self.block_size = cache.block_size
+        self.device = device
+        c = model.config
+        kv_cls = Int8KVCache if cache.kv_dtype == "int8" else KVCache
+        n_kv_heads = _local_kv_heads(model)
+        self.kv_cache = kv_cls(
+            c.n_layers, num_blocks * cache.block_size, n_kv_heads, c.head_dim, dtype, device
+        )
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+        ids = [t for s in scheduled for t in s.token_ids]
+        meta = build_attention_metadata(
+            [s.start_pos for s in scheduled],
+            [len(s.token_ids) for s in scheduled],
+            [s.block_ids for s in scheduled],
+            self.block_size,
+            self.model.config.sliding_window,
+            self.device,
+        )
+        ends = torch.tensor([len(s.token_ids) for s in scheduled]).cumsum(0) - 1
+        rows = [i for i, s in enumerate(scheduled) if s.sample]
+        return ModelInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            meta=meta,
+            logits_index=ends[rows].to(self.device),
+            sample_ids=[scheduled[i].request_id for i in rows],
+        )
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        """(S, V) float32 logits for the sampled rows."""
+        if len(inp.sample_ids) == 0:
+            self.model.hidden_states(inp.input_ids, inp.meta, self.kv_cache)
+            return torch.empty(0, self.model.config.vocab_size)
+        return self.model(inp.input_ids, inp.meta, self.kv_cache, inp.logits_index)
+
+
+def _local_kv_heads(model: Transformer) -> int:
+    """KV heads this process holds (fewer than the config's under tensor parallelism)."""
+    return model.layers[0].attention.n_kv_heads

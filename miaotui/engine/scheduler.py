@@ -1,0 +1,310 @@
+"""Continuous batching: which requests compute which tokens this step.
+
+Each step (vLLM v1 / nano-vllm policy, FCFS):
+1. Running requests, in arrival order, each get the tokens they are missing (1 for a decode, a
+   chunk of at most `long_prefill_token_threshold` for a long prompt) within the step's token
+   budget. If the pool cannot grow a request's block table, the most recently arrived running
+   request is preempted by recompute: its blocks are freed (they stay in the prefix cache), its
+   num_computed_tokens drops to 0, its output tokens are kept, and it returns to the FRONT of the
+   waiting queue. If that victim is the request itself, the step stops scheduling running ones.
+2. If nothing was preempted, waiting requests are admitted in FCFS order while the budget,
+   `max_num_seqs` and the pool allow. Admission allocates blocks for all known tokens at once,
+   so a chunked prompt never needs new blocks mid-prefill. The head of the queue is never
+   skipped: a request that does not fit blocks the ones behind it (no starvation).
+
+Because admission is strictly FCFS and preempted requests return to the queue front, `running`
+stays in arrival order and its last element is the most recently arrived.
+
+The scheduler is driven one step at a time: schedule() -> runner -> update_from_output().
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from miaotui.engine.block_pool import BlockPool, check_invariant
+from miaotui.engine.request import Request, RequestStatus
+from miaotui.errors import CapacityError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 16
+    """Most requests running (holding KV blocks) at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step, summed over all scheduled requests."""
+    long_prefill_token_threshold: int = 256
+    """Chunk size: most tokens one request computes in one step (leaves budget to decodes)."""
+    max_waiting: int = 256
+    """Bound on queued requests; add_request raises CapacityError beyond it."""
+    max_model_len: int = 2048
+    """Most tokens (prompt + output) in one request."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "long_prefill_token_threshold",
+            "max_waiting",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+        if self.max_model_len < 2:
+            raise InvalidRequestError(
+                f"max_model_len must be >= 2 (a prompt token and an output token), "
+                f"got {self.max_model_len}"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens to compute this step, at positions start_pos .. start_pos + len - 1."""
+    start_pos: int
+    """num_computed_tokens before the step."""
+    block_ids: list[int]
+    """The request's whole block table (a copy)."""
+    sample: bool
+    """The step reaches the end of the known tokens: sample the next token from the last one."""
+    sampling: object
+    """The request's opaque sampling parameters."""
+    output_token_ids: list[int]
+    """Live view of the tokens sampled so far (for penalties); do not mutate."""
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    """Batch order."""
+    preempted_ids: list[str]
+    """Preempted this step: the runner drops their per-request state."""
+    finished_ids: list[str]
+    """Finished or aborted since the previous step: the runner drops their state."""
+    num_batched_tokens: int
+    """Sum of len(token_ids) over scheduled; <= max_num_batched_tokens."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_pool: BlockPool):
+        needed = block_pool.num_blocks_for(config.max_model_len)
+        if needed > block_pool.num_usable_blocks:
+            # Otherwise a long request could not run even alone and would preempt itself forever.
+            raise InvalidRequestError(
+                f"the KV cache holds {block_pool.num_usable_blocks} blocks of "
+                f"{block_pool.block_size} tokens, fewer than the {needed} one request of "
+                f"max_model_len={config.max_model_len} needs; lower max_model_len or add blocks",
+                "max_model_len",
+            )
+        self.config = config
+        self.block_pool = block_pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        """Unfinished requests by id."""
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- requests in and out ------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises InvalidRequestError if it can never run, CapacityError if
+        the waiting queue is full."""
+        self._validate(request)
+        if len(self.waiting) >= self.config.max_waiting:
+            raise CapacityError(
+                f"{len(self.waiting)} requests are waiting (max_waiting="
+                f"{self.config.max_waiting}); retry later"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Finish a waiting or running request now, freeing its blocks. None if unknown."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """Finish a request from outside (abort, stop string). None if unknown or finished."""
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a FINISHED_* status, got {status}")
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if stop_reason is not None:
+            request.stop_reason = stop_reason
+        self._finish(request, status)
+        return request
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        scheduled: list[ScheduledRequest] = []
+        preempted_ids: list[str] = []
+        budget = self._schedule_running(scheduled, preempted_ids)
+        if not preempted_ids:  # memory is tight after a preemption: admit nothing this step
+            budget = self._schedule_waiting(scheduled, budget)
+        finished_ids, self._finished_ids = self._finished_ids, []
+        num_batched = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, preempted_ids, finished_ids, num_batched)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
+    ) -> list[Request]:
+        """Record a finished step: advance computed tokens, cache full blocks, append sampled
+        tokens, finish requests on eos / max_tokens / max_model_len. Returns the requests that
+        got a new token (finished ones included, with their final status)."""
+        updated = []
+        for item in output.scheduled:
+            request = self.requests.get(item.request_id)
+            if request is None:  # aborted or finished between schedule() and now
+                continue
+            assert request.num_computed_tokens == item.start_pos, item.request_id
+            request.num_computed_tokens += len(item.token_ids)
+            self.block_pool.cache_full_blocks(request)
+            if not item.sample:
+                continue
+            token = sampled_token_ids[item.request_id]
+            request.output_token_ids.append(token)
+            updated.append(request)
+            if token in request.eos_token_ids:
+                request.stop_reason = token
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+            elif (
+                request.num_output_tokens >= request.max_tokens
+                or request.num_tokens >= self.config.max_model_len
+            ):
+                self._finish(request, RequestStatus.FINISHED_LENGTH)
+        return updated
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _schedule_running(self, scheduled: list[ScheduledRequest], preempted_ids: list[str]) -> int:
+        """Schedule running requests in order; returns the budget left."""
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            while not self.block_pool.append_slots(request, num_new):
+                victim = self.running.pop()  # the most recently arrived; index >= i
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is request:
+                    return budget
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+        """Admit waiting requests in FCFS order; returns the budget left."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if not self.block_pool.allocate_for(request):
+                break  # the head waits for blocks; nobody jumps it
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_new = self._num_new_tokens(request, budget)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return budget
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        missing = request.num_tokens - request.num_computed_tokens
+        return min(missing, self.config.long_prefill_token_threshold, budget)
+
+    @staticmethod
+    def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_slice(start, start + num_new),
+            start_pos=start,
+            block_ids=list(request.block_ids),
+            sample=start + num_new == request.num_tokens,
+            sampling=request.sampling,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.block_pool.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+        logger.debug(
+            "preempted %s (%d tokens to recompute)", request.request_id, request.num_tokens
+        )
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.block_pool.free(request)
+        request.status = status
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _validate(self, request: Request) -> None:
+        rid = request.request_id
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
+        if request.num_prompt_tokens == 0:
+            raise InvalidRequestError(f"request {rid!r} has an empty prompt", "prompt")
+        if request.num_tokens >= self.config.max_model_len:
+            raise InvalidRequestError(
+                f"request {rid!r} has {request.num_tokens} tokens; at most "
+                f"{self.config.max_model_len - 1} fit max_model_len={self.config.max_model_len} "
+                f"with room for one generated token",
+                "prompt",
+            )
+        if request.max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be >= 1, got {request.max_tokens}", "max_tokens"
+            )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the queues, statuses or block tables are inconsistent."""
+        self.block_pool.check_invariants(self.running)
+        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        check_invariant(sorted(ids) == sorted(self.requests), "requests dict != running + waiting")
+        check_invariant(
+            len(self.running) <= self.config.max_num_seqs, "more running than max_num_seqs"
+        )
+        for r in self.running:
+            check_invariant(
+                r.status is RequestStatus.RUNNING, f"{r.request_id} running as {r.status}"
+            )
+            check_invariant(
+                r.num_computed_tokens < r.num_tokens, f"{r.request_id} has nothing to compute"
+            )
+        for r in self.waiting:
+            check_invariant(
+                r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED),
+                f"{r.request_id} waiting as {r.status}",
+            )
+            check_invariant(
+                not r.block_ids and r.num_computed_tokens == 0, f"{r.request_id} waits with KV"
+            )

@@ -1,0 +1,152 @@
+"""Grouped-query attention over a paged KV cache.
+
+Every step packs the new tokens of all sequences into one (N, C) batch. Attention scatters
+their K/V into the cache, then gathers each sequence's whole context through its block table
+into a padded (B, L) grid and runs one masked SDPA over a padded (B, Tq) query grid. Prefill,
+chunked prefill and decode are the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from miaotui.config import ModelConfig
+from miaotui.model.kv_cache import KVCache
+from miaotui.model.layers import RMSNorm, apply_rope
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step addressing, built once and shared by all layers."""
+
+    positions: torch.Tensor
+    """(N,) absolute position of each packed token."""
+    slot_mapping: torch.Tensor
+    """(N,) cache slot where each new token's K/V is written."""
+    query_index: torch.Tensor
+    """(N,) row of each packed token in the padded (B*Tq) query grid."""
+    key_slots: torch.Tensor
+    """(B, L) cache slot of every context position (padding points at slot 0)."""
+    mask: torch.Tensor
+    """(B, 1, Tq, L) bool, True where a query may attend to a key (causal, within length)."""
+    local_mask: torch.Tensor | None
+    """Same as `mask`, further limited to the sliding window (None without local layers)."""
+    num_seqs: int
+    max_query_len: int
+
+
+def build_attention_metadata(
+    start_pos: list[int],
+    num_new: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    sliding_window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """Addressing for sequences that already cached `start_pos[b]` tokens and now add
+    `num_new[b]` tokens; `block_tables[b]` covers at least start_pos[b] + num_new[b] slots."""
+    B, Tq = len(num_new), max(num_new)
+    ctx = torch.tensor([s + n for s, n in zip(start_pos, num_new)])  # (B,)
+    L = int(ctx.max())
+    n_blocks = -(-L // block_size)
+    table = torch.zeros(B, n_blocks, dtype=torch.long)
+    for b, blocks in enumerate(block_tables):
+        row = blocks[:n_blocks]
+        table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+    j = torch.arange(L)
+    key_slots = table[:, j // block_size] * block_size + j % block_size  # (B, L)
+    key_slots = torch.where(j[None, :] < ctx[:, None], key_slots, 0)
+
+    t = torch.arange(Tq)
+    start = torch.tensor(start_pos)
+    new = torch.tensor(num_new)
+    valid_q = t[None, :] < new[:, None]  # (B, Tq)
+    q_pos = start[:, None] + t[None, :]  # (B, Tq)
+    mask = (j[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]  # (B, Tq, L)
+    local = None
+    if sliding_window is not None:
+        local = mask & (j[None, None, :] > q_pos[:, :, None] - sliding_window)
+    b_idx = torch.repeat_interleave(torch.arange(B), new)
+    t_idx = torch.cat([torch.arange(n) for n in num_new])
+    positions = start[b_idx] + t_idx
+    slots = key_slots[b_idx, positions]
+
+    def finish(m: torch.Tensor) -> torch.Tensor:
+        m = m.clone()
+        m[:, :, 0] |= ~valid_q  # padded query rows attend to one key: avoids NaN rows
+        return m.unsqueeze(1).to(device)
+
+    return AttentionMetadata(
+        positions=positions.to(device),
+        slot_mapping=slots.to(device),
+        query_index=(b_idx * Tq + t_idx).to(device),
+        key_slots=key_slots.to(device),
+        mask=finish(mask),
+        local_mask=finish(local) if local is not None else None,
+        num_seqs=B,
+        max_query_len=Tq,
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.scale = config.query_scale or config.head_dim**-0.5
+        self.sliding = config.is_sliding(layer)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        N = x.shape[0]
+        q = self.wq(x).view(N, -1, self.head_dim)  # (N, H, D)
+        k = self.wk(x).view(N, -1, self.head_dim)  # (N, KVH, D)
+        v = self.wv(x).view(N, -1, self.head_dim)  # (N, KVH, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        cache.write(self.layer, meta.slot_mapping, k, v)
+        keys, values = cache.read(self.layer, meta.key_slots)  # (B, L, KVH, D)
+        out = self._attend(q, keys, values, meta)  # (N, H, D)
+        return self.wo(out.reshape(N, -1))
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Masked GQA softmax attention on the padded grid, written out with batched matmuls:
+        on CPU this beats SDPA's flash kernel for the short query grids of decoding."""
+        B, Tq, H, D = meta.num_seqs, meta.max_query_len, q.shape[1], self.head_dim
+        KVH = keys.shape[2]
+        G = H // KVH
+        grid = q.new_zeros(B * Tq, H, D)
+        grid[meta.query_index] = q
+        # (B, Tq, KVH, G, D) -> (B, KVH, G*Tq, D): the G query heads of a KV head share its keys
+        grid = grid.view(B, Tq, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Tq, D)
+        k = keys.to(q.dtype).transpose(1, 2)  # (B, KVH, L, D)
+        v = values.to(q.dtype).transpose(1, 2)  # (B, KVH, L, D)
+        scores = torch.matmul(grid, k.transpose(-1, -2)) * self.scale  # (B, KVH, G*Tq, L)
+        mask = meta.local_mask if self.sliding and meta.local_mask is not None else meta.mask
+        mask = mask.expand(B, G, Tq, mask.shape[-1]).reshape(B, 1, G * Tq, -1)
+        scores = scores.float().masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v)  # (B, KVH, G*Tq, D)
+        out = out.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, H, D)
+        return out[meta.query_index]

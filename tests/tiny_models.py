@@ -1,0 +1,155 @@
+"""Tiny random models written by the tests: a transformers reference model, the same weights as
+a HF directory (safetensors) and as a GGUF file written with gguf.GGUFWriter the way llama.cpp's
+converter does (llama q/k rows permuted, gemma norms stored as 1 + w)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    """A random transformers model of `arch` in fp32 eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    kw = dict(TINY, **overrides)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(**kw, rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(**kw, rope_theta=10000.0, tie_word_embeddings=False)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "gemma3":
+        kw.update(head_dim=16, num_hidden_layers=6)
+        cfg = tf.Gemma3TextConfig(
+            **kw,
+            sliding_window=5,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            tie_word_embeddings=True,
+            final_logit_softcapping=None,
+        )
+        model = tf.Gemma3ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # random norms and biases so that every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def save_hf_dir(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` (HF rotate-half -> interleaved)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def write_gguf(model, arch: str, path: Path, qtype: str = "F32") -> Path:
+    """Write `model` as GGUF; matrices in `qtype` (F32, F16 or a block type gguf can quantize)."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma3":
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_sliding_window(cfg.sliding_window)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    for name, arr in sd.items():
+        gname = _gguf_name(name, arch)
+        if gname is None:
+            continue
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+            arr = _permute(arr, heads)
+        if arch == "gemma3" and "norm" in gname:
+            arr = arr + 1.0  # the converter stores Gemma's (1 + w)
+        _add_tensor(w, gname, np.ascontiguousarray(arr), qtype if arr.ndim == 2 else "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in params:
+        params = params["full_attention"]
+    return float(getattr(cfg, "rope_theta", None) or params.get("rope_theta", 10000.0))
+
+
+def _gguf_name(name: str, arch: str) -> str | None:
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name == "lm_head.weight":
+        return None if arch == "gemma3" else "output.weight"
+    parts = name.split(".")
+    layer, rest, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+    if rest == "post_attention_layernorm":
+        rest_g = "post_attention_norm" if arch == "gemma3" else "ffn_norm"
+    else:
+        rest_g = HF_TO_GGUF.get(rest)
+    return f"blk.{layer}.{rest_g}.{kind}" if rest_g else None
+
+
+def _add_tensor(w, name: str, arr: np.ndarray, qtype: str) -> None:
+    import gguf
+
+    t = gguf.GGMLQuantizationType[qtype]
+    if t == gguf.GGMLQuantizationType.F32:
+        w.add_tensor(name, arr.astype(np.float32))
+    elif t == gguf.GGMLQuantizationType.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        q = gguf.quants.quantize(arr.astype(np.float32), t)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
