@@ -43,13 +43,12 @@ def load_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
 
 def load_model(ckpt: Checkpoint, cfg: EngineConfig) -> Transformer:
     device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
-    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
-    model = build_model(ckpt, device, dtype, progress=cfg.progress)
     if cfg.weights == "native":
-        from miaotui.transforms.native import quantize_native
+        from miaotui.transforms.native import build_native_model
 
-        model = quantize_native(model, ckpt)
-    return model
+        return build_native_model(ckpt, device_cfg, progress=cfg.progress)
+    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    return build_model(ckpt, device, dtype, progress=cfg.progress)
 
 
 def build_engine(cfg: EngineConfig) -> LLMEngine:

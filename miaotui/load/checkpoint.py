@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ class TensorSource:
         groups = unpack_affine(self.data, qtype, self.shape)
         if self.row_perm is None:
             return groups
-        return groups.permute_rows(self.row_perm)
+        perm = self.row_perm
+        offset = None if groups.offset is None else groups.offset[perm]
+        return dataclasses.replace(
+            groups, q=groups.q[perm], scale=groups.scale[perm], offset=offset
+        )
 
     def _gguf_type(self):
         import gguf

@@ -75,21 +75,25 @@ class AffineGroups:
 
     Per type (d, dmin, m are the fp16/fp32 block fields, sc/mn the sub-block scales/mins):
 
-    =====  =====  =======  ==============  =================  ============  ====
-    type   q dt   q range  scale           offset             zero          gs
-    =====  =====  =======  ==============  =================  ============  ====
-    Q4_0   uint8  0..15    d               -8*d               8             32
-    Q4_1   uint8  0..15    d               m                  None          32
-    Q5_0   int8   -16..15  d               None               None          32
-    Q5_1   int8   0..31    d               m                  None          32
-    Q8_0   int8   -128..127 d              None               None          32
-    Q2_K   int8   0..3     d*(sc&15)       -dmin*(sc>>4)      None          16
-    Q3_K   int8   -4..3    d*(sc-32)       None               None          16
-    Q4_K   uint8  0..15    d*sc            -dmin*mn           None          32
-    Q5_K   int8   0..31    d*sc            -dmin*mn           None          32
-    Q6_K   int8   -32..31  d*sc            None               None          16
-    Q8_K   int8   -128..127 d (fp32)       None               None          256
-    =====  =====  =======  ==============  =================  ============  ====
+    ====  =====  =========  =========  =============  ====  ==
+    type  q      q range    scale      offset         zero  gs
+    ====  =====  =========  =========  =============  ====  ==
+    Q4_0  uint8  0..15      d          -8*d           8     32
+    Q4_1  uint8  0..15      d          m              -     32
+    Q5_0  int8   -16..15    d          None           -     32
+    Q5_1  int8   0..31      d          m              -     32
+    Q8_0  int8   -128..127  d          None           -     32
+    Q2_K  int8   0..3       d*sc       -dmin*mn       -     16
+    Q3_K  int8   -4..3      d*(sc-32)  None           -     16
+    Q4_K  uint8  0..15      d*sc       -dmin*mn       -     32
+    Q5_K  int8   0..31      d*sc       -dmin*mn       -     32
+    Q6_K  int8   -32..31    d*sc       None           -     16
+    Q8_K  int8   -128..127  d (fp32)   None           -     256
+    ====  =====  =========  =========  =============  ====  ==
+
+    (Q2_K: sc = scales[i] & 15, mn = scales[i] >> 4; Q3_K: 6-bit sc; Q4_K/Q5_K: 6-bit sc and
+    mn from the packed 12-byte field; Q6_K: int8 sc.) Every product ``q * scale`` is exact in
+    float32 for the types with an offset, so fused multiply-add kernels give the same values.
     """
 
     q: torch.Tensor

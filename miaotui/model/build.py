@@ -18,15 +18,22 @@ log = logging.getLogger(__name__)
 
 
 def build_model(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = False
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> Transformer:
-    """Float model (every tensor decoded to `dtype`) on `device`."""
+    """Float model (every tensor decoded to `dtype`) on `device`. Parameters named in `skip` stay
+    on the meta device for the caller to fill (e.g. with packed quantized modules)."""
     config = ckpt.config
     with torch.device("meta"):
         model = Transformer(config)
     _materialize_rotary(model, device)
     params = dict(model.named_parameters())
-    names = [n for n in params if not (n == "output.weight" and config.tie_embeddings)]
+    names = [
+        n for n in params if n not in skip and not (n == "output.weight" and config.tie_embeddings)
+    ]
     for name in _progress(names, progress, "decoding weights"):
         src = ckpt.tensors.get(name)
         if src is None:
@@ -38,7 +45,7 @@ def build_model(
                 f"{ckpt.path}: tensor {name} has shape {tuple(src.shape)}, expected {expected}"
             )
         _set_param(model, name, src.to_float().to(device=device, dtype=dtype))
-    if config.tie_embeddings:
+    if config.tie_embeddings and "tok_embeddings.weight" not in skip:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 

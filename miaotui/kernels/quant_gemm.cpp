@@ -1,0 +1,585 @@
+// Quantized linear layers on AVX2: y (N, M) = x (N, K) @ W^T, W stored as group-wise integers.
+//
+// Decode path (small N), after llama.cpp's Q8_0 x Q4_0/Q8_0 dot products: activations are
+// quantized per 32-block to int8 with one fp32 scale d (x ~= d * xq), then every 32-block of a
+// weight row is an integer dot product (_mm256_maddubs_epi16 + _mm256_madd_epi16: 32 MACs in two
+// instructions), scaled once in fp32. Each weight row is streamed from memory once and dotted
+// against all N activation rows (from L1/L2).
+// Result: y = W_deq @ x_hat with x_hat = d * xq, up to fp32 rounding (see reference.py for the bound).
+//
+// Batched path (N > a few): 8 weight rows are repacked on the fly so one maddubs covers 8 rows
+// (see the tile kernels). Prefill alternative: dequantize a tile of weight rows to fp32 and call MKL GEMM (at::mm),
+// tile by tile, so the full fp32 weight never exists.
+//
+// Layouts (see packed.py): int8 qweight (M, K) with scale (M, K/G), G % 16 == 0;
+// int4 qweight (M, K/2) with, inside each 32-block, element j in the low nibble of byte j and
+// element j+16 in the high nibble (GGUF Q4_0 order), scale and optional offset (M, K/G), G % 32 == 0.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;  // activation block: one fp32 scale per 32 int8 values (Q8_0)
+constexpr int NT = 4;       // activation rows per micro-kernel call (4 fp32 accumulators)
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One row of K floats -> int8 codes q, block scales d and d * sum(q) per 32-block.
+// d = amax / 127, q = round_half_even(x * (127 / amax)), as llama.cpp's quantize_row_q8_1.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* ds) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+    m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float db = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    constexpr int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), rnd));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), rnd));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), rnd));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), rnd));
+    const int32_t isum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    // packs work per 128-bit lane; the final permute restores element order.
+    i0 = _mm256_packs_epi32(i0, i1);
+    i2 = _mm256_packs_epi32(i2, i3);
+    i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), i0);
+    d[b] = db;
+    ds[b] = db * static_cast<float>(isum);
+  }
+}
+
+struct QuantX {
+  at::Tensor q;   // int8 (N, K)
+  at::Tensor d;   // fp32 (N, K/32)
+  at::Tensor ds;  // fp32 (N, K/32): d * sum of the block's codes
+};
+
+QuantX quantize_x(const at::Tensor& x) {
+  const int64_t N = x.size(0), K = x.size(1), nb = K / QK;
+  QuantX r{at::empty({N, K}, x.options().dtype(at::kChar)), at::empty({N, nb}, x.options()),
+           at::empty({N, nb}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = r.q.data_ptr<int8_t>();
+  float* dp = r.d.data_ptr<float>();
+  float* sp = r.ds.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / K);  // ~64k values before going parallel
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) quantize_row(xp + n * K, K, qp + n * K, dp + n * nb, sp + n * nb);
+  });
+  return r;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Weight-side helpers shared by the kernels.
+
+inline __m256i load_i8x32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
+// 16 packed bytes -> 32 codes 0..15: element j in the low nibble of byte j, j+16 in the high.
+inline __m256i unpack_nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+inline __m256i bcast_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// Block -> weight-group index (G >= 32), so the inner loops need no division.
+std::vector<int32_t> group_index(int64_t nb, int64_t G) {
+  std::vector<int32_t> g(nb);
+  for (int64_t b = 0; b < nb; ++b) g[b] = static_cast<int32_t>(b * QK / G);
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (decode): one weight row against T <= 4 activation rows. With T = 1 or 2, U
+// independent accumulator sets hide the 4-cycle FMA latency of the per-block accumulation.
+
+template <int T>
+inline void block_i8(__m256* acc, const int8_t* wb, __m256 sv, const int8_t* xb, const float* xdb,
+                     int64_t K, int64_t nb) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = load_i8x32(wb);
+  const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (|-128| = 128 fits)
+  for (int i = 0; i < T; ++i) {
+    // maddubs wants u8 x s8: |w| * (x * sign(w)); |x| <= 127 keeps each int16 pair sum <= 32512.
+    const __m256i xv = load_i8x32(xb + i * K);
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_set1_ps(xdb[i * nb]), acc[i]);
+  }
+}
+
+template <int T>
+inline void block_i4(__m256* acc, const uint8_t* wb, __m256 sv, const int8_t* xb, const float* xdb,
+                     int64_t K, int64_t nb) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i wv = unpack_nibbles(wb);
+  for (int i = 0; i < T; ++i) {
+    // u8 codes <= 15 times s8: |pair sum| <= 2 * 15 * 127, no saturation.
+    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, load_i8x32(xb + i * K)), ones);
+    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_set1_ps(xdb[i * nb]), acc[i]);
+  }
+}
+
+// G16: two scales per 32-block; lanes 0-3 of the madd result hold elements 0-15, lanes 4-7
+// elements 16-31, so the vector [s0 x4, s1 x4] applies both.
+template <bool G16>
+inline __m256 row_scale(const float* s, const int32_t* gidx, int64_t b) {
+  if (G16) return _mm256_set_m128(_mm_set1_ps(s[2 * b + 1]), _mm_set1_ps(s[2 * b]));
+  return _mm256_set1_ps(s[gidx[b]]);
+}
+
+template <int T, bool G16>
+void rows_i8(const int8_t* w, const float* s, const int32_t* gidx, int64_t nb, const int8_t* xq,
+             const float* xd, int64_t K, float* res) {
+  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  __m256 acc[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < T; ++i) acc[u][i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u)
+      block_i8<T>(acc[u], w + (b + u) * QK, row_scale<G16>(s, gidx, b + u), xq + (b + u) * QK, xd + b + u, K, nb);
+  for (; b < nb; ++b) block_i8<T>(acc[0], w + b * QK, row_scale<G16>(s, gidx, b), xq + b * QK, xd + b, K, nb);
+  for (int i = 0; i < T; ++i) {
+    for (int u = 1; u < U; ++u) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
+    res[i] = hsum_ps(acc[0][i]);
+  }
+}
+
+template <int T>
+void rows_i4(const uint8_t* w, const float* s, const int32_t* gidx, int64_t nb, const int8_t* xq,
+             const float* xd, int64_t K, float* res) {
+  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  __m256 acc[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < T; ++i) acc[u][i] = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u)
+      block_i4<T>(acc[u], w + (b + u) * (QK / 2), row_scale<false>(s, gidx, b + u), xq + (b + u) * QK, xd + b + u, K, nb);
+  for (; b < nb; ++b) block_i4<T>(acc[0], w + b * (QK / 2), row_scale<false>(s, gidx, b), xq + b * QK, xd + b, K, nb);
+  for (int i = 0; i < T; ++i) {
+    for (int u = 1; u < U; ++u) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
+    res[i] = hsum_ps(acc[0][i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile kernels (batched decode and prefill): 8 weight rows are repacked on the fly so that for
+// every 32-block, vector c holds bytes 4c..4c+3 of rows 0..7. maddubs against 4 activation bytes
+// broadcast to all lanes then leaves one row per int32 lane: the fp32 scaling and accumulation
+// is done once for 8 rows, and the result is 8 contiguous outputs.
+
+constexpr int64_t TR = 8;                 // weight rows per tile
+constexpr int64_t TILE_BLOCK = TR * QK;   // bytes of one repacked 32-block
+
+inline void transpose_store(__m256i r[8], uint8_t* dst) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);      // chunks 0,1 | 4,5
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);  // chunks 2,3 | 6,7
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 0-3, rows 4-7
+    u[4 * h + 0] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);      // chunk 0 | 4
+    u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);      // chunk 1 | 5
+    u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);  // chunk 2 | 6
+    u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);  // chunk 3 | 7
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * c), _mm256_permute2x128_si256(u[c], u[4 + c], 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32 * (c + 4)), _mm256_permute2x128_si256(u[c], u[4 + c], 0x31));
+  }
+}
+
+void repack_i8(const int8_t* w, int64_t K, int64_t valid, uint8_t* dst) {
+  for (int64_t b = 0; b < K / QK; ++b) {
+    __m256i r[8];
+    for (int64_t i = 0; i < TR; ++i) r[i] = i < valid ? load_i8x32(w + i * K + b * QK) : _mm256_setzero_si256();
+    transpose_store(r, dst + b * TILE_BLOCK);
+  }
+}
+
+void repack_i4(const uint8_t* w, int64_t K, int64_t valid, uint8_t* dst) {
+  for (int64_t b = 0; b < K / QK; ++b) {
+    __m256i r[8];
+    for (int64_t i = 0; i < TR; ++i) r[i] = i < valid ? unpack_nibbles(w + i * (K / 2) + b * (QK / 2)) : _mm256_setzero_si256();
+    transpose_store(r, dst + b * TILE_BLOCK);
+  }
+}
+
+// (valid, ng) row-major per-row values -> (ng, 8) with zero padding; mul scales them.
+void repack_groups(const float* v, int64_t ng, int64_t valid, float mul, float* dst) {
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t i = 0; i < TR; ++i) dst[g * TR + i] = i < valid ? mul * v[i * ng + g] : 0.0f;
+}
+
+// int8 tile: sub-blocks of 16 (G16, two scale vectors per block) or one of 32 per block.
+template <int T, bool G16>
+void tile_i8(const uint8_t* wt, const float* st, const int32_t* gidx, int64_t nb, const int8_t* xq,
+             const float* xd, int64_t K, __m256* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+  constexpr int SUB = G16 ? 2 : 1;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int h = 0; h < SUB; ++h) {
+      __m256i isum[T];
+      for (int i = 0; i < T; ++i) isum[i] = _mm256_setzero_si256();
+      for (int c = h * 8 / SUB; c < (h + 1) * 8 / SUB; ++c) {
+        const __m256i wv = load_i8x32(wt + b * TILE_BLOCK + c * 32);
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int i = 0; i < T; ++i) {
+          const __m256i xv = _mm256_sign_epi8(bcast_i32(xq + i * K + b * QK + 4 * c), wv);
+          isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones));
+        }
+      }
+      const __m256 sv = _mm256_loadu_ps(st + (G16 ? 2 * b + h : gidx[b]) * TR);
+      for (int i = 0; i < T; ++i)
+        acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(isum[i]), sv), _mm256_set1_ps(xd[i * nb + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < T; ++i) out[i] = acc[i];
+}
+
+// int4 tile: the maddubs int16 results of a whole block are summed in int16 (8 chunks x 2 pairs
+// x 15 x 127 = 30480 < 32767), then one madd per block. `ot` holds the per-group offsets (or -8 s).
+template <int T>
+void tile_i4(const uint8_t* wt, const float* st, const float* ot, const int32_t* gidx, int64_t nb,
+             int64_t ng, const int8_t* xq, const float* xd, const float* xgs, int64_t K, __m256* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i s16[T];
+    for (int i = 0; i < T; ++i) s16[i] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i wv = load_i8x32(wt + b * TILE_BLOCK + c * 32);
+      for (int i = 0; i < T; ++i)
+        s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(wv, bcast_i32(xq + i * K + b * QK + 4 * c)));
+    }
+    const __m256 sv = _mm256_loadu_ps(st + gidx[b] * TR);
+    for (int i = 0; i < T; ++i) {
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones));
+      acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(f, sv), _mm256_set1_ps(xd[i * nb + b]), acc[i]);
+    }
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m256 ov = _mm256_loadu_ps(ot + g * TR);
+    for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xgs[i * ng + g]), acc[i]);
+  }
+  for (int i = 0; i < T; ++i) out[i] = acc[i];
+}
+
+// Compile-time T for a runtime tile height 1..4.
+template <typename F>
+inline void with_t(int T, F f) {
+  switch (T) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+
+// Activation rows handled per pass over a thread's weight rows (row path): bounds the quantized x
+// that must stay cache-resident (N_BLK * K bytes) while the weight rows are streamed.
+constexpr int64_t N_BLK = 64;
+
+// Rows per parallel chunk: enough bytes that the thread start-up cost is amortized.
+int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes)); }
+
+// body(r, n0, T): weight row r against activation rows n0..n0+T, all threads.
+template <typename Body>
+void for_rows(int64_t M, int64_t N, int64_t row_bytes, Body body) {
+  at::parallel_for(0, M, row_grain(row_bytes), [&](int64_t r0, int64_t r1) {
+    for (int64_t nb0 = 0; nb0 < N; nb0 += N_BLK) {
+      const int64_t nb1 = std::min(N, nb0 + N_BLK);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t n0 = nb0; n0 < nb1; n0 += NT) body(r, n0, static_cast<int>(std::min<int64_t>(NT, nb1 - n0)));
+    }
+  });
+}
+
+// pack(r0, valid, wt, st, ot) fills one tile's buffers; kern(T, n0, wt, st, ot, res) computes
+// T activation rows against it; results + bias go to out (N, M).
+template <typename Pack, typename Kern>
+void for_tiles(int64_t M, int64_t N, int64_t K, int64_t ng, float* out, const float* bias, Pack pack, Kern kern) {
+  const int64_t ntiles = (M + TR - 1) / TR;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> wt(K / QK * TILE_BLOCK);
+    std::vector<float> st(ng * TR), ot(ng * TR);
+    alignas(32) float tmp[TR];
+    __m256 res[NT];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * TR, valid = std::min(TR, M - r0);
+      pack(r0, valid, wt.data(), st.data(), ot.data());
+      __m256 bv = _mm256_setzero_ps();
+      if (bias) {
+        for (int64_t i = 0; i < TR; ++i) tmp[i] = i < valid ? bias[r0 + i] : 0.0f;
+        bv = _mm256_load_ps(tmp);
+      }
+      for (int64_t n0 = 0; n0 < N; n0 += NT) {
+        const int T = static_cast<int>(std::min<int64_t>(NT, N - n0));
+        kern(T, n0, wt.data(), st.data(), ot.data(), res);
+        for (int i = 0; i < T; ++i) {
+          float* dst = out + (n0 + i) * M + r0;
+          if (valid == TR) {
+            _mm256_storeu_ps(dst, _mm256_add_ps(res[i], bv));
+          } else {
+            _mm256_store_ps(tmp, _mm256_add_ps(res[i], bv));
+            std::memcpy(dst, tmp, valid * sizeof(float));
+          }
+        }
+      }
+    }
+  });
+}
+
+void dequant_row_i8(const int8_t* w, const float* s, int64_t K, int64_t G, float* dst) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m256 sv = _mm256_set1_ps(s[g]);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k));
+      _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), sv));
+    }
+  }
+}
+
+void dequant_row_i4(const uint8_t* w, const float* s, const float* o, int64_t K, int64_t G, float* dst) {
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m256 sv = _mm256_set1_ps(s[g]);
+    const __m256 ov = _mm256_set1_ps(o ? o[g] : -8.0f * s[g]);
+    for (int64_t k = g * G; k < (g + 1) * G; k += QK) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2));
+      const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      for (int p = 0; p < 4; ++p) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
+        _mm256_storeu_ps(dst + k + 8 * p, _mm256_fmadd_ps(q, sv, ov));
+      }
+    }
+  }
+}
+
+// Dequantize `tile` weight rows at a time into one fp32 buffer and run MKL on each tile, so the
+// full fp32 weight never exists.
+template <typename Dequant>
+at::Tensor dequant_mm(const at::Tensor& x, int64_t M, int64_t K, const c10::optional<at::Tensor>& bias,
+                      int64_t tile, Dequant dequant) {
+  const int64_t N = x.size(0);
+  at::Tensor out = at::empty({N, M}, x.options());
+  tile = std::max<int64_t>(TR, std::min(tile, M));
+  at::Tensor buf = at::empty({tile, K}, x.options());
+  float* bufp = buf.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < M; r0 += tile) {
+    const int64_t rows = std::min(tile, M - r0);
+    at::parallel_for(0, rows, 16, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) dequant(r0 + r, bufp + r * K);
+    });
+    at::Tensor dst = out.narrow(1, r0, rows);  // row stride M: BLAS writes it in place
+    at::Tensor wt = buf.narrow(0, 0, rows).t();
+    if (bias.has_value())
+      at::addmm_out(dst, bias->narrow(0, r0, rows), x, wt);
+    else
+      at::mm_out(dst, x, wt);
+  }
+  return out;
+}
+
+void check_common(const at::Tensor& x, int64_t M, int64_t K, int64_t ng, const at::Tensor& scale,
+                  const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 (N, K) CPU tensor");
+  TORCH_CHECK(x.size(1) == K && K % QK == 0, "x has K=", x.size(1), ", weight K=", K,
+              " (must match and be a multiple of 32)");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == M * ng,
+              "scale must be a contiguous float32 (M, K/G) tensor");
+  if (offset.has_value())
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() && offset->numel() == M * ng,
+                "offset must be a contiguous float32 (M, K/G) tensor");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == M,
+                "bias must be a contiguous float32 tensor of M=", M, " values");
+}
+
+}  // namespace
+
+// Paths: 0 = row kernels (decode), 1 = 8-row tile kernels (batched), 2 = dequantize + MKL GEMM.
+enum Path : int64_t { ROWS = 0, TILES = 1, GEMM = 2 };
+constexpr int64_t GEMM_TILE_ROWS = 256;  // fp32 rows per dequantized tile (256 x 576 x 4 B = 590 kB)
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t path) {
+  const int64_t M = qweight.size(0), K = qweight.size(1), N = x.size(0), G = group_size;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
+              "qweight must be a contiguous int8 (M, K) tensor");
+  TORCH_CHECK(G > 0 && K % G == 0 && (G == 16 || G % QK == 0), "unsupported group_size ", G, " for K=", K);
+  const int64_t ng = K / G, nb = K / QK;
+  check_common(x, M, K, ng, scale, c10::nullopt, bias);
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (path == GEMM)
+    return dequant_mm(x, M, K, bias, GEMM_TILE_ROWS,
+                      [&](int64_t r, float* dst) { dequant_row_i8(wp + r * K, sp + r * ng, K, G, dst); });
+  const QuantX qx = quantize_x(x);
+  const int8_t* xq = qx.q.data_ptr<int8_t>();
+  const float* xd = qx.d.data_ptr<float>();
+  const std::vector<int32_t> gidx = group_index(nb, G == 16 ? QK : G);
+  at::Tensor out = at::empty({N, M}, x.options());
+  float* op = out.data_ptr<float>();
+  if (path == ROWS) {
+    for_rows(M, N, K, [&](int64_t r, int64_t n0, int T) {
+      float res[NT];
+      with_t(T, [&](auto t) {
+        if (G == 16)
+          rows_i8<decltype(t)::value, true>(wp + r * K, sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+        else
+          rows_i8<decltype(t)::value, false>(wp + r * K, sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+      });
+      for (int i = 0; i < T; ++i) op[(n0 + i) * M + r] = res[i] + (bp ? bp[r] : 0.0f);
+    });
+    return out;
+  }
+  for_tiles(
+      M, N, K, ng, op, bp,
+      [&](int64_t r0, int64_t valid, uint8_t* wt, float* st, float*) {
+        repack_i8(wp + r0 * K, K, valid, wt);
+        repack_groups(sp + r0 * ng, ng, valid, 1.0f, st);
+      },
+      [&](int T, int64_t n0, const uint8_t* wt, const float* st, const float*, __m256* res) {
+        with_t(T, [&](auto t) {
+          if (G == 16)
+            tile_i8<decltype(t)::value, true>(wt, st, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+          else
+            tile_i8<decltype(t)::value, false>(wt, st, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+        });
+      });
+  return out;
+}
+
+// int4: value = q * s + o, or (q - 8) * s without offset (o = -8 s). Per group g and row n,
+// sum_k (q s + o) x_hat_k = s * sum_b d_b dot(q, xq)_b + o * sum_b d_b sum(xq)_b.
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const c10::optional<at::Tensor>& offset, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias, int64_t path) {
+  const int64_t M = qweight.size(0), K = qweight.size(1) * 2, N = x.size(0), G = group_size;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
+              "qweight must be a contiguous uint8 (M, K/2) tensor");
+  TORCH_CHECK(G > 0 && G % QK == 0 && K % G == 0, "unsupported group_size ", G, " for K=", K);
+  const int64_t ng = K / G, nb = K / QK;
+  check_common(x, M, K, ng, scale, offset, bias);
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* opp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (path == GEMM)
+    return dequant_mm(x, M, K, bias, GEMM_TILE_ROWS, [&](int64_t r, float* dst) {
+      dequant_row_i4(wp + r * (K / 2), sp + r * ng, opp ? opp + r * ng : nullptr, K, G, dst);
+    });
+  const QuantX qx = quantize_x(x);
+  const int8_t* xq = qx.q.data_ptr<int8_t>();
+  const float* xd = qx.d.data_ptr<float>();
+  const std::vector<int32_t> gidx = group_index(nb, G);
+  // Per-group activation sums sum_b d_b sum(xq)_b, (N, K/G): the offset term of every row.
+  std::vector<float> xgs(N * ng, 0.0f);
+  const float* dsp = qx.ds.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < nb; ++b) xgs[n * ng + gidx[b]] += dsp[n * nb + b];
+  at::Tensor out = at::empty({N, M}, x.options());
+  float* op = out.data_ptr<float>();
+  if (path == ROWS) {
+    for_rows(M, N, K / 2, [&](int64_t r, int64_t n0, int T) {
+      float res[NT];
+      with_t(T, [&](auto t) {
+        rows_i4<decltype(t)::value>(wp + r * (K / 2), sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+      });
+      const float* orow = opp ? opp + r * ng : sp + r * ng;
+      const float omul = opp ? 1.0f : -8.0f;
+      for (int i = 0; i < T; ++i)
+        op[(n0 + i) * M + r] = res[i] + omul * dot_f32(orow, xgs.data() + (n0 + i) * ng, ng) + (bp ? bp[r] : 0.0f);
+    });
+    return out;
+  }
+  for_tiles(
+      M, N, K, ng, op, bp,
+      [&](int64_t r0, int64_t valid, uint8_t* wt, float* st, float* ot) {
+        repack_i4(wp + r0 * (K / 2), K, valid, wt);
+        repack_groups(sp + r0 * ng, ng, valid, 1.0f, st);
+        if (opp)
+          repack_groups(opp + r0 * ng, ng, valid, 1.0f, ot);
+        else
+          repack_groups(sp + r0 * ng, ng, valid, -8.0f, ot);
+      },
+      [&](int T, int64_t n0, const uint8_t* wt, const float* st, const float* ot, __m256* res) {
+        with_t(T, [&](auto t) {
+          tile_i4<decltype(t)::value>(wt, st, ot, gidx.data(), nb, ng, xq + n0 * K, xd + n0 * nb,
+                                      xgs.data() + n0 * ng, K, res);
+        });
+      });
+  return out;
+}
+
+// Exposed for tests: the activation quantization of the integer paths.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) % QK == 0,
+              "x must be a contiguous float32 (N, K) tensor with K % 32 == 0");
+  const QuantX q = quantize_x(x);
+  return {q.q, q.d, q.ds};
+}
+
+TORCH_LIBRARY(miaotui_kernels, m) {
+  m.def("int8_linear", &int8_linear);
+  m.def("int4_linear", &int4_linear);
+  m.def("quantize_activations", &quantize_activations);
+}

@@ -1,0 +1,65 @@
+"""Quantized stand-ins for nn.Linear and nn.Embedding: packed int8/int4 weights run by the kernels
+in miaotui.kernels. Transforms swap them in; model code never asks `if quantized`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miaotui.kernels import PackedInt4, PackedInt8, dequantize_packed, linear_int4, linear_int8
+
+Packed = PackedInt8 | PackedInt4
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W packed as group-wise int8 or int4."""
+
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape
+        self.bits = 8 if isinstance(packed, PackedInt8) else 4
+        # Registered so state_dict() saves the packed tensors (quantized checkpoints).
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scale", packed.scale)
+        if getattr(packed, "offset", None) is not None:
+            self.register_buffer("offset", packed.offset)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        op = linear_int8 if self.bits == 8 else linear_int4
+        y = op(x2, self.packed, None if self.bias is None else self.bias.float())
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(M, K) float32: for calibration, pruning and tests."""
+        return dequantize_packed(self.packed)
+
+    def extra_repr(self) -> str:
+        g = self.packed.group_size
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group={g}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table stored packed; a lookup dequantizes only the rows it reads. When the
+    output head is tied to it, the head is a QuantLinear over the same packed tensor."""
+
+    def __init__(self, packed: Packed, dtype: torch.dtype):
+        super().__init__()
+        self.packed = packed
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = packed.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        p = self.packed
+        rows = _rows(p, ids.reshape(-1))
+        return dequantize_packed(rows).to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+
+def _rows(p: Packed, idx: torch.Tensor) -> Packed:
+    if isinstance(p, PackedInt8):
+        return PackedInt8(p.qweight[idx], p.scale[idx], p.group_size)
+    offset = None if p.offset is None else p.offset[idx]
+    return PackedInt4(p.qweight[idx], p.scale[idx], offset, p.group_size)
