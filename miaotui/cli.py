@@ -38,6 +38,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
     p.add_argument("--kv-cache-gib", type=float, default=0.5)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--transforms",
+        "-t",
+        default="",
+        help="quantize/prune at load, e.g. int4-gptq-g64 or prune-wanda-0.5+int8",
+    )
 
 
 def engine_config(a: argparse.Namespace, progress: bool = True) -> EngineConfig:
@@ -50,6 +56,7 @@ def engine_config(a: argparse.Namespace, progress: bool = True) -> EngineConfig:
         max_model_len=a.max_model_len,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        transforms=a.transforms,
         cache=CacheConfig(
             kv_dtype=a.kv_cache_dtype,
             memory_gib=a.kv_cache_gib,

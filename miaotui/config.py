@@ -144,6 +144,8 @@ class EngineConfig:
     """Queue bound; more waiting requests are refused (HTTP 429)."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """KV cache layout and size."""
+    transforms: str = ""
+    """Quantize/prune specs applied at load, joined by "+" (see transforms/pipeline.py)."""
     progress: bool = False
     """Show progress bars while loading."""
 

@@ -41,8 +41,15 @@ def load_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
     return TextTokenizer.from_gguf_metadata(ckpt.tokenizer_source)
 
 
-def load_model(ckpt: Checkpoint, cfg: EngineConfig) -> Transformer:
+def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) -> Transformer:
     device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
+    if cfg.transforms:
+        from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
+
+        specs = parse_specs(cfg.transforms)  # fail fast on a bad spec, before loading
+        device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+        model = build_model(ckpt, device, dtype, progress=cfg.progress)
+        return apply_transforms(model, specs, TransformContext(tokenizer, progress=cfg.progress))
     if cfg.weights == "native":
         from miaotui.transforms.native import build_native_model
 
@@ -56,7 +63,7 @@ def build_engine(cfg: EngineConfig) -> LLMEngine:
     setup_threads(cfg.threads)
     ckpt = open_checkpoint(cfg.model)
     tokenizer = load_tokenizer(ckpt)
-    model = load_model(ckpt, cfg)
+    model = load_model(ckpt, cfg, tokenizer)
     engine = engine_for_model(model, tokenizer, cfg)
     log.info("loaded %s in %.2f s", ckpt.path.name, time.perf_counter() - t0)
     return engine
