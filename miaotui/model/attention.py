@@ -8,7 +8,7 @@ chunked prefill and decode are the same code path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,19 @@ class AttentionMetadata:
     """Same as `mask`, further limited to the sliding window (None without local layers)."""
     num_seqs: int
     max_query_len: int
+    _bias_cache: dict = field(default_factory=dict, repr=False)
+
+    def bias(self, group: int, local: bool, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B, 1, group*Tq, L): 0 where allowed, -inf elsewhere; rows repeated for
+        the `group` query heads sharing a KV head. Built once per step, shared by all layers."""
+        key = (group, local and self.local_mask is not None, dtype)
+        if key not in self._bias_cache:
+            mask = self.local_mask if key[1] else self.mask  # (B, 1, Tq, L)
+            B, _, Tq, L = mask.shape
+            mask = mask.expand(B, group, Tq, L).reshape(B, 1, group * Tq, L)
+            zero = torch.zeros((), dtype=dtype, device=mask.device)
+            self._bias_cache[key] = torch.where(mask, zero, float("-inf")).to(dtype)
+        return self._bias_cache[key]
 
 
 def build_attention_metadata(
@@ -136,17 +149,18 @@ class Attention(nn.Module):
         B, Tq, H, D = meta.num_seqs, meta.max_query_len, q.shape[1], self.head_dim
         KVH = keys.shape[2]
         G = H // KVH
-        grid = q.new_zeros(B * Tq, H, D)
-        grid[meta.query_index] = q
+        if q.shape[0] == B * Tq:  # no padding (e.g. pure decode): the packed batch is the grid
+            grid = q
+        else:
+            grid = q.new_zeros(B * Tq, H, D)
+            grid[meta.query_index] = q
         # (B, Tq, KVH, G, D) -> (B, KVH, G*Tq, D): the G query heads of a KV head share its keys
         grid = grid.view(B, Tq, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Tq, D)
-        k = keys.to(q.dtype).transpose(1, 2)  # (B, KVH, L, D)
-        v = values.to(q.dtype).transpose(1, 2)  # (B, KVH, L, D)
-        scores = torch.matmul(grid, k.transpose(-1, -2)) * self.scale  # (B, KVH, G*Tq, L)
-        mask = meta.local_mask if self.sliding and meta.local_mask is not None else meta.mask
-        mask = mask.expand(B, G, Tq, mask.shape[-1]).reshape(B, 1, G * Tq, -1)
-        scores = scores.float().masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        k = keys.transpose(1, 2)  # (B, KVH, L, D)
+        v = values.transpose(1, 2)  # (B, KVH, L, D)
+        scores = torch.matmul(grid, k.transpose(-1, -2))  # (B, KVH, G*Tq, L)
+        bias = meta.bias(G, local=self.sliding, dtype=scores.dtype)  # (B, 1, G*Tq, L)
+        probs = torch.softmax(torch.add(bias, scores, alpha=self.scale), dim=-1)
         out = torch.matmul(probs, v)  # (B, KVH, G*Tq, D)
         out = out.view(B, KVH, G, Tq, D).permute(0, 3, 1, 2, 4).reshape(B * Tq, H, D)
-        return out[meta.query_index]
+        return out if q.shape[0] == B * Tq else out[meta.query_index]

@@ -27,8 +27,8 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots: (N,); k, v: (N, KVH, D)."""
-        self.k[layer].index_copy_(0, slots, k.to(self.k[layer].dtype))
-        self.v[layer].index_copy_(0, slots, v.to(self.v[layer].dtype))
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
 
     def read(self, layer: int, key_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """key_slots: (B, L) -> k, v: (B, L, KVH, D)."""

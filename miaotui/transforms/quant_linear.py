@@ -24,14 +24,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", packed.scale)
         if getattr(packed, "offset", None) is not None:
             self.register_buffer("offset", packed.offset)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.op = linear_int8 if self.bits == 8 else linear_int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        op = linear_int8 if self.bits == 8 else linear_int4
-        y = op(x2, self.packed, None if self.bias is None else self.bias.float())
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        y = self.op(x2, self.packed, self.bias)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(M, K) float32: for calibration, pruning and tests."""
@@ -51,6 +55,11 @@ class QuantEmbedding(nn.Module):
         self.packed = packed
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = packed.shape
+        # Registered so state_dict() saves them; a tied head's QuantLinear holds the same tensors.
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scale", packed.scale)
+        if getattr(packed, "offset", None) is not None:
+            self.register_buffer("offset", packed.offset)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         p = self.packed
