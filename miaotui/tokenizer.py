@@ -333,11 +333,13 @@ class StopStringMatcher:
         if not self.stops:
             return delta, False
         buf = self.pending + delta
-        hits = [(buf.find(s), s) for s in self.stops if s in buf]
+        # Stop where the first stop string is complete (smallest end, then the longest one), so
+        # the result does not depend on how the text was split into deltas.
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
-            idx = min(h[0] for h in hits)
+            _, start = min(hits)
             self.pending = ""
-            return buf[:idx], True
+            return buf[:start], True
         hold = max((self._partial(buf, s) for s in self.stops), default=0)
         self.pending = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False

@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_gemm.cpp")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
-OPS_NAMESPACE = "miaotui_kernels"  # TORCH_LIBRARY namespace in quant_gemm.cpp
 
 
 def cpu_supports_kernels() -> bool:
@@ -43,8 +42,9 @@ def build_dir() -> Path:
 
 @functools.cache
 def load_kernels() -> ModuleType | None:
-    """Compiles (first time on this machine) and loads the kernels; returns the op namespace
-    `torch.ops.miaotui_kernels`, or None after logging why they cannot be used."""
+    """Compiles (first time on this machine) and loads the kernels; returns the extension module
+    (int8_linear, int4_linear, choose_path, quantize_activations), or None after logging why
+    they cannot be used. A pybind11 module rather than torch.ops: ~2 µs less per call."""
     if not cpu_supports_kernels():
         logger.warning(
             "miaotui kernels need an x86-64 CPU with AVX2+FMA (found %s, capability %s); "
@@ -58,12 +58,11 @@ def load_kernels() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         directory.mkdir(parents=True, exist_ok=True)
-        load(
+        module = load(
             name=f"miaotui_kernels_{directory.name.split('-')[-1]}",
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
             build_directory=str(directory),
-            is_python_module=False,
             verbose=False,
         )
     except Exception as e:  # a compiler error, missing ninja or headers: fall back, don't fail
@@ -71,7 +70,7 @@ def load_kernels() -> ModuleType | None:
             "miaotui kernels did not build in %s (%s); using the plain PyTorch path", directory, e
         )
         return None
-    return getattr(torch.ops, OPS_NAMESPACE)
+    return module
 
 
 def kernels_available() -> bool:

@@ -1,15 +1,16 @@
 // Quantized linear layers on AVX2: y (N, M) = x (N, K) @ W^T, W stored as group-wise integers.
 //
-// Decode path (small N), after llama.cpp's Q8_0 x Q4_0/Q8_0 dot products: activations are
-// quantized per 32-block to int8 with one fp32 scale d (x ~= d * xq), then every 32-block of a
-// weight row is an integer dot product (_mm256_maddubs_epi16 + _mm256_madd_epi16: 32 MACs in two
-// instructions), scaled once in fp32. Each weight row is streamed from memory once and dotted
-// against all N activation rows (from L1/L2).
-// Result: y = W_deq @ x_hat with x_hat = d * xq, up to fp32 rounding (see reference.py for the bound).
+// Activations are quantized per 32-block to int8 with one fp32 scale d (x ~= d * xq, as
+// llama.cpp's Q8_0), so every 32-block of a weight row is an integer dot product
+// (_mm256_maddubs_epi16 + _mm256_madd_epi16: 32 MACs in two instructions) scaled once in fp32.
+// Result: y = W_deq @ x_hat with x_hat = d * xq, up to fp32 rounding (bound in reference.py).
 //
-// Batched path (N > a few): 8 weight rows are repacked on the fly so one maddubs covers 8 rows
-// (see the tile kernels). Prefill alternative: dequantize a tile of weight rows to fp32 and call MKL GEMM (at::mm),
-// tile by tile, so the full fp32 weight never exists.
+// - Row kernels (decode, N <= 2-3): each weight row is streamed from memory once and dotted
+//   against all N activation rows (held in L1).
+// - Tile kernels (larger N): 8 weight rows are repacked on the fly so that one maddubs against
+//   4 broadcast activation bytes serves 8 rows, and the fp32 work is shared by 8 rows.
+// - Dequantize + MKL (checking only): 256 weight rows at a time to fp32, then at::mm; the full
+//   fp32 weight never exists.
 //
 // Layouts (see packed.py): int8 qweight (M, K) with scale (M, K/G), G % 16 == 0;
 // int4 qweight (M, K/2) with, inside each 32-block, element j in the low nibble of byte j and
@@ -19,7 +20,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <torch/library.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <immintrin.h>
 
@@ -90,27 +91,22 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* ds) {
   }
 }
 
+// Quantized activations: codes (N, K), block scales d and d * sum(codes) (N, K/32).
 struct QuantX {
-  at::Tensor q;   // int8 (N, K)
-  at::Tensor d;   // fp32 (N, K/32)
-  at::Tensor ds;  // fp32 (N, K/32): d * sum of the block's codes
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
 };
 
-QuantX quantize_x(const at::Tensor& x) {
-  const int64_t N = x.size(0), K = x.size(1), nb = K / QK;
-  QuantX r{at::empty({N, K}, x.options().dtype(at::kChar)), at::empty({N, nb}, x.options()),
-           at::empty({N, nb}, x.options())};
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = r.q.data_ptr<int8_t>();
-  float* dp = r.d.data_ptr<float>();
-  float* sp = r.ds.data_ptr<float>();
+QuantX quantize_x(const float* x, int64_t N, int64_t K) {
+  const int64_t nb = K / QK;
+  QuantX r{std::vector<int8_t>(N * K), std::vector<float>(N * nb), std::vector<float>(N * nb)};
   const int64_t grain = std::max<int64_t>(1, 65536 / K);  // ~64k values before going parallel
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) quantize_row(xp + n * K, K, qp + n * K, dp + n * nb, sp + n * nb);
+    for (int64_t n = n0; n < n1; ++n)
+      quantize_row(x + n * K, K, r.q.data() + n * K, r.d.data() + n * nb, r.ds.data() + n * nb);
   });
   return r;
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Weight-side helpers shared by the kernels.
@@ -192,18 +188,64 @@ void rows_i8(const int8_t* w, const float* s, const int32_t* gidx, int64_t nb, c
   }
 }
 
+// Paired activation layout for the int4 row kernel: blocks (2p, 2p+1) become 64 bytes
+// [x_2p[0:16], x_2p+1[0:16], x_2p[16:32], x_2p+1[16:32]] and 8 scales [d_2p x4, d_2p+1 x4]. One
+// 32-byte load of packed weights (two blocks) then unpacks with no lane crossing: its low nibbles
+// pair with the first 32 activation bytes, its high nibbles with the second.
+struct PairedX {
+  std::vector<int8_t> q;  // (N, npair * 64)
+  std::vector<float> d;   // (N, npair * 8)
+  int64_t npair;
+};
+
+PairedX pair_x(const QuantX& qx, int64_t N, int64_t K) {
+  const int64_t nb = K / QK, np = nb / 2;
+  PairedX r{std::vector<int8_t>(N * np * 64), std::vector<float>(N * np * 8), np};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < np; ++p) {
+      const __m256i a = load_i8x32(qx.q.data() + n * K + 2 * p * QK), b = load_i8x32(qx.q.data() + n * K + (2 * p + 1) * QK);
+      int8_t* dst = r.q.data() + (n * np + p) * 64;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(a, b, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_permute2x128_si256(a, b, 0x31));
+      const float d0 = qx.d[n * nb + 2 * p], d1 = qx.d[n * nb + 2 * p + 1];
+      _mm256_storeu_ps(r.d.data() + (n * np + p) * 8, _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(d0)));
+    }
+  return r;
+}
+
+template <int T>
+inline void pair_i4(__m256* acc, const uint8_t* wb, __m256 sv, const int8_t* xp, const float* dp, int64_t xs, int64_t ds) {
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = load_i8x32(wb);
+  const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+  for (int i = 0; i < T; ++i) {
+    // int16 lanes: two products each from lo and hi, |sum| <= 4 * 15 * 127 < 32767.
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_i8x32(xp + i * xs)),
+                                         _mm256_maddubs_epi16(hi, load_i8x32(xp + i * xs + 32)));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));  // lanes 0-3: block 2p, 4-7: 2p+1
+    acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_loadu_ps(dp + i * ds)), acc[i]);
+  }
+}
+
 template <int T>
 void rows_i4(const uint8_t* w, const float* s, const int32_t* gidx, int64_t nb, const int8_t* xq,
-             const float* xd, int64_t K, float* res) {
+             const float* xd, int64_t K, const int8_t* xp, const float* dp, int64_t np, float* res) {
   constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
   __m256 acc[U][T];
   for (int u = 0; u < U; ++u)
     for (int i = 0; i < T; ++i) acc[u][i] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + U <= nb; b += U)
-    for (int u = 0; u < U; ++u)
-      block_i4<T>(acc[u], w + (b + u) * (QK / 2), row_scale<false>(s, gidx, b + u), xq + (b + u) * QK, xd + b + u, K, nb);
-  for (; b < nb; ++b) block_i4<T>(acc[0], w + b * (QK / 2), row_scale<false>(s, gidx, b), xq + b * QK, xd + b, K, nb);
+  auto pair = [&](__m256* a, int64_t p) {
+    const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[gidx[2 * p + 1]]), _mm_set1_ps(s[gidx[2 * p]]));
+    pair_i4<T>(a, w + p * QK, sv, xp + p * 64, dp + p * 8, np * 64, np * 8);
+  };
+  int64_t p = 0;
+  for (; p + U <= np; p += U)
+    for (int u = 0; u < U; ++u) pair(acc[u], p + u);
+  for (; p < np; ++p) pair(acc[0], p);
+  if (nb % 2) {
+    const int64_t b = nb - 1;
+    block_i4<T>(acc[0], w + b * (QK / 2), row_scale<false>(s, gidx, b), xq + b * QK, xd + b, K, nb);
+  }
   for (int i = 0; i < T; ++i) {
     for (int u = 1; u < U; ++u) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
     res[i] = hsum_ps(acc[0][i]);
@@ -350,33 +392,43 @@ void for_rows(int64_t M, int64_t N, int64_t row_bytes, Body body) {
 }
 
 // pack(r0, valid, wt, st, ot) fills one tile's buffers; kern(T, n0, wt, st, ot, res) computes
-// T activation rows against it; results + bias go to out (N, M).
+// T activation rows against it; results + bias go to out (N, M). For N > N_BLK, tiles are repacked
+// 8 at a time and swept by N_BLK activation rows at a time, so both stay in L2; otherwise one
+// tile at a time stays in L1.
+
 template <typename Pack, typename Kern>
 void for_tiles(int64_t M, int64_t N, int64_t K, int64_t ng, float* out, const float* bias, Pack pack, Kern kern) {
-  const int64_t ntiles = (M + TR - 1) / TR;
+  const int64_t ntiles = (M + TR - 1) / TR, wsize = K / QK * TILE_BLOCK, gsize = ng * TR;
+  const int64_t tile_group = N > N_BLK ? 8 : 1;
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> wt(K / QK * TILE_BLOCK);
-    std::vector<float> st(ng * TR), ot(ng * TR);
+    std::vector<uint8_t> wt(tile_group * wsize);
+    std::vector<float> st(tile_group * gsize), ot(tile_group * gsize), bv(tile_group * TR, 0.0f);
     alignas(32) float tmp[TR];
     __m256 res[NT];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * TR, valid = std::min(TR, M - r0);
-      pack(r0, valid, wt.data(), st.data(), ot.data());
-      __m256 bv = _mm256_setzero_ps();
-      if (bias) {
-        for (int64_t i = 0; i < TR; ++i) tmp[i] = i < valid ? bias[r0 + i] : 0.0f;
-        bv = _mm256_load_ps(tmp);
+    for (int64_t g0 = t0; g0 < t1; g0 += tile_group) {
+      const int64_t g1 = std::min(t1, g0 + tile_group);
+      for (int64_t t = g0; t < g1; ++t) {
+        const int64_t j = t - g0, r0 = t * TR, valid = std::min(TR, M - r0);
+        pack(r0, valid, wt.data() + j * wsize, st.data() + j * gsize, ot.data() + j * gsize);
+        for (int64_t i = 0; i < TR; ++i) bv[j * TR + i] = bias && i < valid ? bias[r0 + i] : 0.0f;
       }
-      for (int64_t n0 = 0; n0 < N; n0 += NT) {
-        const int T = static_cast<int>(std::min<int64_t>(NT, N - n0));
-        kern(T, n0, wt.data(), st.data(), ot.data(), res);
-        for (int i = 0; i < T; ++i) {
-          float* dst = out + (n0 + i) * M + r0;
-          if (valid == TR) {
-            _mm256_storeu_ps(dst, _mm256_add_ps(res[i], bv));
-          } else {
-            _mm256_store_ps(tmp, _mm256_add_ps(res[i], bv));
-            std::memcpy(dst, tmp, valid * sizeof(float));
+      for (int64_t nb0 = 0; nb0 < N; nb0 += N_BLK) {
+        const int64_t nb1 = std::min(N, nb0 + N_BLK);
+        for (int64_t t = g0; t < g1; ++t) {
+          const int64_t j = t - g0, r0 = t * TR, valid = std::min(TR, M - r0);
+          const __m256 b = _mm256_loadu_ps(bv.data() + j * TR);
+          for (int64_t n0 = nb0; n0 < nb1; n0 += NT) {
+            const int T = static_cast<int>(std::min<int64_t>(NT, nb1 - n0));
+            kern(T, n0, wt.data() + j * wsize, st.data() + j * gsize, ot.data() + j * gsize, res);
+            for (int i = 0; i < T; ++i) {
+              float* dst = out + (n0 + i) * M + r0;
+              if (valid == TR) {
+                _mm256_storeu_ps(dst, _mm256_add_ps(res[i], b));
+              } else {
+                _mm256_store_ps(tmp, _mm256_add_ps(res[i], b));
+                std::memcpy(dst, tmp, valid * sizeof(float));
+              }
+            }
           }
         }
       }
@@ -436,45 +488,71 @@ at::Tensor dequant_mm(const at::Tensor& x, int64_t M, int64_t K, const c10::opti
   return out;
 }
 
-void check_common(const at::Tensor& x, int64_t M, int64_t K, int64_t ng, const at::Tensor& scale,
-                  const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
-              "x must be a contiguous float32 (N, K) CPU tensor");
-  TORCH_CHECK(x.size(1) == K && K % QK == 0, "x has K=", x.size(1), ", weight K=", K,
-              " (must match and be a multiple of 32)");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == M * ng,
-              "scale must be a contiguous float32 (M, K/G) tensor");
-  if (offset.has_value())
-    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->is_contiguous() && offset->numel() == M * ng,
-                "offset must be a contiguous float32 (M, K/G) tensor");
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == M,
-                "bias must be a contiguous float32 tensor of M=", M, " values");
+
+// x (..., K) of any float dtype -> contiguous float32 (N, K); a no-op view for the usual input.
+at::Tensor as_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x has ", x.size(-1), " input features, the weight expects K=", K);
+  TORCH_CHECK(K % QK == 0, "K must be a multiple of 32, got ", K);
+  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+}
+
+// (N, M) float32 -> (..., M) in x's dtype.
+at::Tensor as_output(const at::Tensor& out, const at::Tensor& x, int64_t M) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = M;
+  const at::Tensor y = out.view(shape);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+c10::optional<at::Tensor> as_bias(const c10::optional<at::Tensor>& bias, int64_t M) {
+  if (!bias.has_value()) return c10::nullopt;
+  TORCH_CHECK(bias->numel() == M, "bias must have M=", M, " values, got ", bias->numel());
+  return bias->to(at::kFloat).contiguous();
+}
+
+at::Tensor as_groups(const at::Tensor& v, const char* name, int64_t M, int64_t ng) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.numel() == M * ng, name,
+              " must be a contiguous float32 (M, K/G) = (", M, ", ", ng, ") tensor");
+  return v;
 }
 
 }  // namespace
 
-// Paths: 0 = row kernels (decode), 1 = 8-row tile kernels (batched), 2 = dequantize + MKL GEMM.
-enum Path : int64_t { ROWS = 0, TILES = 1, GEMM = 2 };
+// Paths: 0 = row kernels (decode), 1 = 8-row tile kernels (batched), 2 = dequantize + MKL GEMM,
+// -1 = chosen by N. Measured on SmolLM2 shapes (Zen 3, 1 and 2 threads): the row kernels win up
+// to N = 2 (int8) / 3 (int4), the tile kernels above; the tile kernels beat fp32 MKL, and so the
+// dequantize + MKL path, at every N measured (up to 512), so auto never picks GEMM.
+enum Path : int64_t { AUTO = -1, ROWS = 0, TILES = 1, GEMM = 2 };
+constexpr int64_t ROWS_MAX_N_INT8 = 2, ROWS_MAX_N_INT4 = 3;
 constexpr int64_t GEMM_TILE_ROWS = 256;  // fp32 rows per dequantized tile (256 x 576 x 4 B = 590 kB)
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       int64_t group_size, const c10::optional<at::Tensor>& bias, int64_t path) {
-  const int64_t M = qweight.size(0), K = qweight.size(1), N = x.size(0), G = group_size;
+int64_t choose_path(int64_t n, int64_t bits) {
+  return n <= (bits == 4 ? ROWS_MAX_N_INT4 : ROWS_MAX_N_INT8) ? ROWS : TILES;
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale_in,
+                       int64_t group_size, const c10::optional<at::Tensor>& bias_in, int64_t path) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar && qweight.is_contiguous(),
               "qweight must be a contiguous int8 (M, K) tensor");
+  const int64_t M = qweight.size(0), K = qweight.size(1), G = group_size;
   TORCH_CHECK(G > 0 && K % G == 0 && (G == 16 || G % QK == 0), "unsupported group_size ", G, " for K=", K);
   const int64_t ng = K / G, nb = K / QK;
-  check_common(x, M, K, ng, scale, c10::nullopt, bias);
+  const at::Tensor x = as_rows(x_in, K);
+  const at::Tensor scale = as_groups(scale_in, "scale", M, ng);
+  const c10::optional<at::Tensor> bias = as_bias(bias_in, M);
+  const int64_t N = x.size(0);
+  if (path == AUTO) path = choose_path(N, 8);
   const int8_t* wp = qweight.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (path == GEMM)
-    return dequant_mm(x, M, K, bias, GEMM_TILE_ROWS,
-                      [&](int64_t r, float* dst) { dequant_row_i8(wp + r * K, sp + r * ng, K, G, dst); });
-  const QuantX qx = quantize_x(x);
-  const int8_t* xq = qx.q.data_ptr<int8_t>();
-  const float* xd = qx.d.data_ptr<float>();
+    return as_output(dequant_mm(x, M, K, bias, GEMM_TILE_ROWS,
+                                [&](int64_t r, float* dst) { dequant_row_i8(wp + r * K, sp + r * ng, K, G, dst); }),
+                     x_in, M);
+  const QuantX qx = quantize_x(x.data_ptr<float>(), N, K);
+  const int8_t* xq = qx.q.data();
+  const float* xd = qx.d.data();
   const std::vector<int32_t> gidx = group_index(nb, G == 16 ? QK : G);
   at::Tensor out = at::empty({N, M}, x.options());
   float* op = out.data_ptr<float>();
@@ -489,7 +567,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
       });
       for (int i = 0; i < T; ++i) op[(n0 + i) * M + r] = res[i] + (bp ? bp[r] : 0.0f);
     });
-    return out;
+    return as_output(out, x_in, M);
   }
   for_tiles(
       M, N, K, ng, op, bp,
@@ -505,51 +583,61 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
             tile_i8<decltype(t)::value, false>(wt, st, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
         });
       });
-  return out;
+  return as_output(out, x_in, M);
 }
 
 // int4: value = q * s + o, or (q - 8) * s without offset (o = -8 s). Per group g and row n,
 // sum_k (q s + o) x_hat_k = s * sum_b d_b dot(q, xq)_b + o * sum_b d_b sum(xq)_b.
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const c10::optional<at::Tensor>& offset, int64_t group_size,
-                       const c10::optional<at::Tensor>& bias, int64_t path) {
-  const int64_t M = qweight.size(0), K = qweight.size(1) * 2, N = x.size(0), G = group_size;
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scale_in,
+                       const c10::optional<at::Tensor>& offset_in, int64_t group_size,
+                       const c10::optional<at::Tensor>& bias_in, int64_t path) {
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous(),
               "qweight must be a contiguous uint8 (M, K/2) tensor");
+  const int64_t M = qweight.size(0), K = qweight.size(1) * 2, G = group_size;
   TORCH_CHECK(G > 0 && G % QK == 0 && K % G == 0, "unsupported group_size ", G, " for K=", K);
   const int64_t ng = K / G, nb = K / QK;
-  check_common(x, M, K, ng, scale, offset, bias);
+  const at::Tensor x = as_rows(x_in, K);
+  const at::Tensor scale = as_groups(scale_in, "scale", M, ng);
+  const c10::optional<at::Tensor> offset =
+      offset_in.has_value() ? c10::optional<at::Tensor>(as_groups(*offset_in, "offset", M, ng)) : c10::nullopt;
+  const c10::optional<at::Tensor> bias = as_bias(bias_in, M);
+  const int64_t N = x.size(0);
+  if (path == AUTO) path = choose_path(N, 4);
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* opp = offset.has_value() ? offset->data_ptr<float>() : nullptr;
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   if (path == GEMM)
-    return dequant_mm(x, M, K, bias, GEMM_TILE_ROWS, [&](int64_t r, float* dst) {
-      dequant_row_i4(wp + r * (K / 2), sp + r * ng, opp ? opp + r * ng : nullptr, K, G, dst);
-    });
-  const QuantX qx = quantize_x(x);
-  const int8_t* xq = qx.q.data_ptr<int8_t>();
-  const float* xd = qx.d.data_ptr<float>();
+    return as_output(dequant_mm(x, M, K, bias, GEMM_TILE_ROWS,
+                                [&](int64_t r, float* dst) {
+                                  dequant_row_i4(wp + r * (K / 2), sp + r * ng, opp ? opp + r * ng : nullptr, K, G, dst);
+                                }),
+                     x_in, M);
+  const QuantX qx = quantize_x(x.data_ptr<float>(), N, K);
+  const int8_t* xq = qx.q.data();
+  const float* xd = qx.d.data();
   const std::vector<int32_t> gidx = group_index(nb, G);
   // Per-group activation sums sum_b d_b sum(xq)_b, (N, K/G): the offset term of every row.
   std::vector<float> xgs(N * ng, 0.0f);
-  const float* dsp = qx.ds.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t b = 0; b < nb; ++b) xgs[n * ng + gidx[b]] += dsp[n * nb + b];
+    for (int64_t b = 0; b < nb; ++b) xgs[n * ng + gidx[b]] += qx.ds[n * nb + b];
   at::Tensor out = at::empty({N, M}, x.options());
   float* op = out.data_ptr<float>();
   if (path == ROWS) {
+    const PairedX px = pair_x(qx, N, K);
+    const int64_t np = px.npair;
     for_rows(M, N, K / 2, [&](int64_t r, int64_t n0, int T) {
       float res[NT];
       with_t(T, [&](auto t) {
-        rows_i4<decltype(t)::value>(wp + r * (K / 2), sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+        rows_i4<decltype(t)::value>(wp + r * (K / 2), sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K,
+                                    px.q.data() + n0 * np * 64, px.d.data() + n0 * np * 8, np, res);
       });
       const float* orow = opp ? opp + r * ng : sp + r * ng;
       const float omul = opp ? 1.0f : -8.0f;
       for (int i = 0; i < T; ++i)
         op[(n0 + i) * M + r] = res[i] + omul * dot_f32(orow, xgs.data() + (n0 + i) * ng, ng) + (bp ? bp[r] : 0.0f);
     });
-    return out;
+    return as_output(out, x_in, M);
   }
   for_tiles(
       M, N, K, ng, op, bp,
@@ -567,19 +655,25 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                                       xgs.data() + n0 * ng, K, res);
         });
       });
-  return out;
+  return as_output(out, x_in, M);
 }
 
-// Exposed for tests: the activation quantization of the integer paths.
-std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) % QK == 0,
-              "x must be a contiguous float32 (N, K) tensor with K % 32 == 0");
-  const QuantX q = quantize_x(x);
-  return {q.q, q.d, q.ds};
+// For tests: the activation quantization of the integer paths, as (codes, d, d * sum(codes)).
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x_in) {
+  const at::Tensor x = as_rows(x_in, x_in.size(-1));
+  const int64_t N = x.size(0), K = x.size(1), nb = K / QK;
+  const QuantX q = quantize_x(x.data_ptr<float>(), N, K);
+  at::Tensor codes = at::empty({N, K}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({N, nb}, x.options()), ds = at::empty({N, nb}, x.options());
+  std::memcpy(codes.data_ptr<int8_t>(), q.q.data(), N * K);
+  std::memcpy(d.data_ptr<float>(), q.d.data(), N * nb * sizeof(float));
+  std::memcpy(ds.data_ptr<float>(), q.ds.data(), N * nb * sizeof(float));
+  return {codes, d, ds};
 }
 
-TORCH_LIBRARY(miaotui_kernels, m) {
-  m.def("int8_linear", &int8_linear);
-  m.def("int4_linear", &int4_linear);
-  m.def("quantize_activations", &quantize_activations);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "x (..., K) @ W^T (+ bias) for int8 W (M, K)");
+  m.def("int4_linear", &int4_linear, "x (..., K) @ W^T (+ bias) for int4 W (M, K/2 bytes)");
+  m.def("choose_path", &choose_path, "path for N activation rows and 8/4-bit weights: 0 rows, 1 tiles, 2 gemm");
+  m.def("quantize_activations", &quantize_activations, "x -> (int8 codes, block scales d, d * sum)");
 }

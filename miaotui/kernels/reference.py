@@ -74,7 +74,8 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     blocks = x.reshape(n, k // ACT_BLOCK, ACT_BLOCK)
     amax = blocks.abs().amax(dim=2, keepdim=True)  # (N, K/32, 1)
     d = amax / 127.0
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as one IEEE division (a Python scalar / tensor would be 127 * (1 / amax)).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv).to(torch.int8)
     return q.reshape(n, k), d.reshape(n, k // ACT_BLOCK)
 
