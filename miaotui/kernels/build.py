@@ -21,7 +21,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("quant_gemm.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+# -fopenmp: at::parallel_for is a header template that only runs in parallel when the including
+# code is compiled with OpenMP; libgomp resolves to the copy torch already loaded (same soname).
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def cpu_supports_kernels() -> bool:
@@ -35,7 +38,7 @@ def build_dir() -> Path:
     """Where the compiled kernels of this source, flags, torch and Python live."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join(CFLAGS).encode())
+    key.update(" ".join(CFLAGS + LDFLAGS).encode())
     key.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
     return Path.home() / ".cache" / "miaotui" / f"kernels-{key.hexdigest()[:16]}"
 
@@ -62,6 +65,7 @@ def load_kernels() -> ModuleType | None:
             name=f"miaotui_kernels_{directory.name.split('-')[-1]}",
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(directory),
             verbose=False,
         )

@@ -49,15 +49,6 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum_ps(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 // One row of K floats -> int8 codes q, block scales d and d * sum(q) per 32-block.
 // d = amax / 127, q = round_half_even(x * (127 / amax)), as llama.cpp's quantize_row_q8_1.
 void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* ds) {
@@ -133,34 +124,10 @@ std::vector<int32_t> group_index(int64_t nb, int64_t G) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Row kernels (decode): one weight row against T <= 4 activation rows. With T = 1 or 2, U
-// independent accumulator sets hide the 4-cycle FMA latency of the per-block accumulation.
-
-template <int T>
-inline void block_i8(__m256* acc, const int8_t* wb, __m256 sv, const int8_t* xb, const float* xdb,
-                     int64_t K, int64_t nb) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i wv = load_i8x32(wb);
-  const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (|-128| = 128 fits)
-  for (int i = 0; i < T; ++i) {
-    // maddubs wants u8 x s8: |w| * (x * sign(w)); |x| <= 127 keeps each int16 pair sum <= 32512.
-    const __m256i xv = load_i8x32(xb + i * K);
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
-    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_set1_ps(xdb[i * nb]), acc[i]);
-  }
-}
-
-template <int T>
-inline void block_i4(__m256* acc, const uint8_t* wb, __m256 sv, const int8_t* xb, const float* xdb,
-                     int64_t K, int64_t nb) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i wv = unpack_nibbles(wb);
-  for (int i = 0; i < T; ++i) {
-    // u8 codes <= 15 times s8: |pair sum| <= 2 * 15 * 127, no saturation.
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, load_i8x32(xb + i * K)), ones);
-    acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), _mm256_set1_ps(xdb[i * nb]), acc[i]);
-  }
-}
+// Row kernels (decode): R weight rows against T activation rows, R * T <= 4, over the full K.
+// The activation blocks are loaded once for the R rows; U = 4 / (R * T) independent accumulator
+// sets keep 4 FMA chains in flight. Processing several rows per call also amortizes the per-row
+// reduction, which matters for K = 576 (18 blocks a row).
 
 // G16: two scales per 32-block; lanes 0-3 of the madd result hold elements 0-15, lanes 4-7
 // elements 16-31, so the vector [s0 x4, s1 x4] applies both.
@@ -170,22 +137,51 @@ inline __m256 row_scale(const float* s, const int32_t* gidx, int64_t b) {
   return _mm256_set1_ps(s[gidx[b]]);
 }
 
-template <int T, bool G16>
-void rows_i8(const int8_t* w, const float* s, const int32_t* gidx, int64_t nb, const int8_t* xq,
-             const float* xd, int64_t K, float* res) {
-  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
-  __m256 acc[U][T];
+constexpr int units(int R, int T) { return R * T >= 4 ? 1 : 4 / (R * T); }
+
+// acc (R, T) vectors -> res[r * T + t] sums.
+template <int R, int T>
+inline void reduce_rows(__m256 (*acc)[R][T], int U, float* res) {
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      __m256 a = acc[0][r][t];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[u][r][t]);
+      res[r * T + t] = hsum_ps(a);
+    }
+}
+
+template <int R, int T, bool G16>
+void rows_i8(const int8_t* w, int64_t K, const float* s, int64_t ng, const int32_t* gidx, int64_t nb,
+             const int8_t* xq, const float* xd, float* res) {
+  constexpr int U = units(R, T);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[U][R][T];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < T; ++i) acc[u][i] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[u][r][t] = _mm256_setzero_ps();
+  auto block = [&](__m256 (&a)[R][T], int64_t b) {
+    __m256i xv[T];
+    __m256 dx[T];
+    for (int t = 0; t < T; ++t) {
+      xv[t] = load_i8x32(xq + t * K + b * QK);
+      dx[t] = _mm256_set1_ps(xd[t * nb + b]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i wv = load_i8x32(w + r * K + b * QK);
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w| as u8 (|-128| = 128 fits)
+      const __m256 sv = row_scale<G16>(s + r * ng, gidx, b);
+      for (int t = 0; t < T; ++t) {
+        // maddubs wants u8 x s8: |w| * (x * sign(w)); |x| <= 127 keeps int16 pair sums <= 32512.
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones);
+        a[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(p), sv), dx[t], a[r][t]);
+      }
+    }
+  };
   int64_t b = 0;
   for (; b + U <= nb; b += U)
-    for (int u = 0; u < U; ++u)
-      block_i8<T>(acc[u], w + (b + u) * QK, row_scale<G16>(s, gidx, b + u), xq + (b + u) * QK, xd + b + u, K, nb);
-  for (; b < nb; ++b) block_i8<T>(acc[0], w + b * QK, row_scale<G16>(s, gidx, b), xq + b * QK, xd + b, K, nb);
-  for (int i = 0; i < T; ++i) {
-    for (int u = 1; u < U; ++u) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
-    res[i] = hsum_ps(acc[0][i]);
-  }
+    for (int u = 0; u < U; ++u) block(acc[u], b + u);
+  for (; b < nb; ++b) block(acc[0], b);
+  reduce_rows<R, T>(acc, U, res);
 }
 
 // Paired activation layout for the int4 row kernel: blocks (2p, 2p+1) become 64 bytes
@@ -203,7 +199,8 @@ PairedX pair_x(const QuantX& qx, int64_t N, int64_t K) {
   PairedX r{std::vector<int8_t>(N * np * 64), std::vector<float>(N * np * 8), np};
   for (int64_t n = 0; n < N; ++n)
     for (int64_t p = 0; p < np; ++p) {
-      const __m256i a = load_i8x32(qx.q.data() + n * K + 2 * p * QK), b = load_i8x32(qx.q.data() + n * K + (2 * p + 1) * QK);
+      const int8_t* src = qx.q.data() + n * K + 2 * p * QK;
+      const __m256i a = load_i8x32(src), b = load_i8x32(src + QK);
       int8_t* dst = r.q.data() + (n * np + p) * 64;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute2x128_si256(a, b, 0x20));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 32), _mm256_permute2x128_si256(a, b, 0x31));
@@ -213,43 +210,79 @@ PairedX pair_x(const QuantX& qx, int64_t N, int64_t K) {
   return r;
 }
 
-template <int T>
-inline void pair_i4(__m256* acc, const uint8_t* wb, __m256 sv, const int8_t* xp, const float* dp, int64_t xs, int64_t ds) {
-  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-  const __m256i v = load_i8x32(wb);
-  const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-  for (int i = 0; i < T; ++i) {
-    // int16 lanes: two products each from lo and hi, |sum| <= 4 * 15 * 127 < 32767.
-    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, load_i8x32(xp + i * xs)),
-                                         _mm256_maddubs_epi16(hi, load_i8x32(xp + i * xs + 32)));
-    const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));  // lanes 0-3: block 2p, 4-7: 2p+1
-    acc[i] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, _mm256_loadu_ps(dp + i * ds)), acc[i]);
-  }
+// Mask of the first n % 8 lanes, for the tails of the per-group offset dot products.
+inline __m256i tail_mask(int64_t n) {
+  const int64_t k = n % 8;
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-template <int T>
-void rows_i4(const uint8_t* w, const float* s, const int32_t* gidx, int64_t nb, const int8_t* xq,
-             const float* xd, int64_t K, const int8_t* xp, const float* dp, int64_t np, float* res) {
-  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
-  __m256 acc[U][T];
+// int4: s * sum_b d_b dot(q, xq)_b over pairs of blocks, plus the offset term
+// sum_g o_g * xgs_g (o = -8 s without offsets) folded into the same accumulators.
+template <int R, int T>
+void rows_i4(const uint8_t* w, int64_t K, const float* s, const float* o, int64_t ng, const int32_t* gidx,
+             int64_t nb, const int8_t* xq, const float* xd, const PairedX& px, int64_t n0, const float* xgs,
+             float* res) {
+  constexpr int U = units(R, T);
+  const int64_t np = px.npair;
+  const int8_t* xp = px.q.data() + n0 * np * 64;
+  const float* dp = px.d.data() + n0 * np * 8;
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[U][R][T];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < T; ++i) acc[u][i] = _mm256_setzero_ps();
-  auto pair = [&](__m256* a, int64_t p) {
-    const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[gidx[2 * p + 1]]), _mm_set1_ps(s[gidx[2 * p]]));
-    pair_i4<T>(a, w + p * QK, sv, xp + p * 64, dp + p * 8, np * 64, np * 8);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[u][r][t] = _mm256_setzero_ps();
+  auto pair = [&](__m256 (&a)[R][T], int64_t p) {
+    __m256i xa[T], xb[T];
+    __m256 dv[T];
+    for (int t = 0; t < T; ++t) {
+      xa[t] = load_i8x32(xp + t * np * 64 + p * 64);
+      xb[t] = load_i8x32(xp + t * np * 64 + p * 64 + 32);
+      dv[t] = _mm256_loadu_ps(dp + t * np * 8 + p * 8);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = load_i8x32(w + r * (K / 2) + p * QK);
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const float* sr = s + r * ng;
+      const __m256 sv = _mm256_set_m128(_mm_set1_ps(sr[gidx[2 * p + 1]]), _mm_set1_ps(sr[gidx[2 * p]]));
+      for (int t = 0; t < T; ++t) {
+        // int16 lanes: two products each from lo and hi, |sum| <= 4 * 15 * 127 < 32767.
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[t]), _mm256_maddubs_epi16(hi, xb[t]));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));  // lanes 0-3: block 2p, 4-7: 2p+1
+        a[r][t] = _mm256_fmadd_ps(f, _mm256_mul_ps(sv, dv[t]), a[r][t]);
+      }
+    }
   };
   int64_t p = 0;
   for (; p + U <= np; p += U)
     for (int u = 0; u < U; ++u) pair(acc[u], p + u);
   for (; p < np; ++p) pair(acc[0], p);
-  if (nb % 2) {
+  if (nb % 2) {  // last block alone, natural activation layout
     const int64_t b = nb - 1;
-    block_i4<T>(acc[0], w + b * (QK / 2), row_scale<false>(s, gidx, b), xq + b * QK, xd + b, K, nb);
+    for (int r = 0; r < R; ++r) {
+      const __m256i wv = unpack_nibbles(w + r * (K / 2) + b * (QK / 2));
+      const __m256 sv = _mm256_set1_ps(s[r * ng + gidx[b]]);
+      for (int t = 0; t < T; ++t) {
+        const __m256i pr = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, load_i8x32(xq + t * K + b * QK)), ones);
+        acc[0][r][t] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(pr), sv), _mm256_set1_ps(xd[t * nb + b]),
+                                       acc[0][r][t]);
+      }
+    }
   }
-  for (int i = 0; i < T; ++i) {
-    for (int u = 1; u < U; ++u) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
-    res[i] = hsum_ps(acc[0][i]);
+  const __m256 omul = _mm256_set1_ps(o ? 1.0f : -8.0f);
+  const float* ov = o ? o : s;
+  const __m256i mask = tail_mask(ng);
+  for (int64_t g = 0; g < ng; g += 8) {
+    const bool full = g + 8 <= ng;
+    for (int r = 0; r < R; ++r) {
+      const float* orow = ov + r * ng + g;
+      const __m256 oo = _mm256_mul_ps(omul, full ? _mm256_loadu_ps(orow) : _mm256_maskload_ps(orow, mask));
+      for (int t = 0; t < T; ++t) {
+        const float* xs = xgs + t * ng + g;
+        acc[0][r][t] = _mm256_fmadd_ps(oo, full ? _mm256_loadu_ps(xs) : _mm256_maskload_ps(xs, mask), acc[0][r][t]);
+      }
+    }
   }
+  reduce_rows<R, T>(acc, U, res);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,6 +402,23 @@ inline void with_t(int T, F f) {
   }
 }
 
+// Compile-time (R, T) with R * T <= 4 for the row kernels.
+template <typename F>
+inline void with_rt(int R, int T, F f) {
+  using std::integral_constant;
+  switch (R * 8 + T) {
+    case 8 + 1: f(integral_constant<int, 1>{}, integral_constant<int, 1>{}); break;
+    case 16 + 1: f(integral_constant<int, 2>{}, integral_constant<int, 1>{}); break;
+    case 24 + 1: f(integral_constant<int, 3>{}, integral_constant<int, 1>{}); break;
+    case 32 + 1: f(integral_constant<int, 4>{}, integral_constant<int, 1>{}); break;
+    case 8 + 2: f(integral_constant<int, 1>{}, integral_constant<int, 2>{}); break;
+    case 16 + 2: f(integral_constant<int, 2>{}, integral_constant<int, 2>{}); break;
+    case 8 + 3: f(integral_constant<int, 1>{}, integral_constant<int, 3>{}); break;
+    case 8 + 4: f(integral_constant<int, 1>{}, integral_constant<int, 4>{}); break;
+    default: TORCH_INTERNAL_ASSERT(false, "no row kernel for R=", R, " T=", T);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Drivers.
 
@@ -379,14 +429,17 @@ constexpr int64_t N_BLK = 64;
 // Rows per parallel chunk: enough bytes that the thread start-up cost is amortized.
 int64_t row_grain(int64_t row_bytes) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes)); }
 
-// body(r, n0, T): weight row r against activation rows n0..n0+T, all threads.
+// body(r, R, n0, T): weight rows r..r+R against activation rows n0..n0+T (R * T <= 4, R <= max_r),
+// all threads.
 template <typename Body>
-void for_rows(int64_t M, int64_t N, int64_t row_bytes, Body body) {
+void for_rows(int64_t M, int64_t N, int64_t row_bytes, int max_r, Body body) {
   at::parallel_for(0, M, row_grain(row_bytes), [&](int64_t r0, int64_t r1) {
     for (int64_t nb0 = 0; nb0 < N; nb0 += N_BLK) {
       const int64_t nb1 = std::min(N, nb0 + N_BLK);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t n0 = nb0; n0 < nb1; n0 += NT) body(r, n0, static_cast<int>(std::min<int64_t>(NT, nb1 - n0)));
+      const int T = static_cast<int>(std::min<int64_t>(NT, nb1 - nb0)), R = std::min(max_r, std::max(1, NT / T));
+      for (int64_t r = r0; r < r1; r += R)
+        for (int64_t n0 = nb0; n0 < nb1; n0 += T)
+          body(r, static_cast<int>(std::min<int64_t>(R, r1 - r)), n0, static_cast<int>(std::min<int64_t>(T, nb1 - n0)));
     }
   });
 }
@@ -494,11 +547,13 @@ at::Tensor as_rows(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "x has ", x.size(-1), " input features, the weight expects K=", K);
   TORCH_CHECK(K % QK == 0, "K must be a multiple of 32, got ", K);
+  if (x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) return x;  // the usual case
   return x.reshape({-1, K}).to(at::kFloat).contiguous();
 }
 
 // (N, M) float32 -> (..., M) in x's dtype.
 at::Tensor as_output(const at::Tensor& out, const at::Tensor& x, int64_t M) {
+  if (x.dim() == 2 && x.scalar_type() == at::kFloat) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = M;
   const at::Tensor y = out.view(shape);
@@ -508,6 +563,7 @@ at::Tensor as_output(const at::Tensor& out, const at::Tensor& x, int64_t M) {
 c10::optional<at::Tensor> as_bias(const c10::optional<at::Tensor>& bias, int64_t M) {
   if (!bias.has_value()) return c10::nullopt;
   TORCH_CHECK(bias->numel() == M, "bias must have M=", M, " values, got ", bias->numel());
+  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return bias;
   return bias->to(at::kFloat).contiguous();
 }
 
@@ -557,15 +613,17 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   at::Tensor out = at::empty({N, M}, x.options());
   float* op = out.data_ptr<float>();
   if (path == ROWS) {
-    for_rows(M, N, K, [&](int64_t r, int64_t n0, int T) {
+    for_rows(M, N, K, NT, [&](int64_t r, int R, int64_t n0, int T) {
       float res[NT];
-      with_t(T, [&](auto t) {
+      with_rt(R, T, [&](auto rc, auto tc) {
+        constexpr int RC = decltype(rc)::value, TC = decltype(tc)::value;
         if (G == 16)
-          rows_i8<decltype(t)::value, true>(wp + r * K, sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+          rows_i8<RC, TC, true>(wp + r * K, K, sp + r * ng, ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, res);
         else
-          rows_i8<decltype(t)::value, false>(wp + r * K, sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K, res);
+          rows_i8<RC, TC, false>(wp + r * K, K, sp + r * ng, ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, res);
       });
-      for (int i = 0; i < T; ++i) op[(n0 + i) * M + r] = res[i] + (bp ? bp[r] : 0.0f);
+      for (int i = 0; i < R; ++i)
+        for (int t = 0; t < T; ++t) op[(n0 + t) * M + r + i] = res[i * T + t] + (bp ? bp[r + i] : 0.0f);
     });
     return as_output(out, x_in, M);
   }
@@ -625,17 +683,15 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& qweight, const 
   float* op = out.data_ptr<float>();
   if (path == ROWS) {
     const PairedX px = pair_x(qx, N, K);
-    const int64_t np = px.npair;
-    for_rows(M, N, K / 2, [&](int64_t r, int64_t n0, int T) {
+    for_rows(M, N, K / 2, NT, [&](int64_t r, int R, int64_t n0, int T) {
       float res[NT];
-      with_t(T, [&](auto t) {
-        rows_i4<decltype(t)::value>(wp + r * (K / 2), sp + r * ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, K,
-                                    px.q.data() + n0 * np * 64, px.d.data() + n0 * np * 8, np, res);
+      with_rt(R, T, [&](auto rc, auto tc) {
+        rows_i4<decltype(rc)::value, decltype(tc)::value>(wp + r * (K / 2), K, sp + r * ng, opp ? opp + r * ng : nullptr,
+                                                          ng, gidx.data(), nb, xq + n0 * K, xd + n0 * nb, px, n0,
+                                                          xgs.data() + n0 * ng, res);
       });
-      const float* orow = opp ? opp + r * ng : sp + r * ng;
-      const float omul = opp ? 1.0f : -8.0f;
-      for (int i = 0; i < T; ++i)
-        op[(n0 + i) * M + r] = res[i] + omul * dot_f32(orow, xgs.data() + (n0 + i) * ng, ng) + (bp ? bp[r] : 0.0f);
+      for (int i = 0; i < R; ++i)
+        for (int t = 0; t < T; ++t) op[(n0 + t) * M + r + i] = res[i * T + t] + (bp ? bp[r + i] : 0.0f);
     });
     return as_output(out, x_in, M);
   }
