@@ -1,16 +1,22 @@
 """AsyncEngine: the LLMEngine stepped by a background thread, with an asyncio face.
 
 `generate()` yields RequestOutputs as tokens are produced; `abort()` stops a request and frees
-its KV blocks. Scheduler state is only touched under one lock, held by the step loop while it
-computes a step and briefly by callers adding or aborting requests.
+its KV blocks. Only the step thread touches the engine: callers post "add" and "abort" commands
+to an inbox that the thread applies between steps, so the event loop never waits for a forward
+pass (one step can take a few hundred milliseconds on a busy CPU).
+
+A step that raises (a bug, or an input the sampler cannot handle) fails the requests in flight
+and is forgotten: the engine keeps serving the next ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,15 +28,45 @@ from miaotui.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-@dataclass
+class EngineDeadError(MiaotuiError):
+    """The step loop stopped (shut down or crashed); the engine no longer serves."""
+
+
+class EngineStepError(MiaotuiError):
+    """A step failed while this request was in flight; the request was aborted."""
+
+
+@dataclass(eq=False)
 class _Stream:
+    """Where one request's outputs go: a queue on the consumer's event loop."""
+
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    last: RequestOutput | None = None
+    """The newest output delivered (cumulative), to build the final one of an external abort."""
     last_token_time: float | None = None
 
 
-class EngineDeadError(MiaotuiError):
-    """The step loop failed; the engine no longer serves."""
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: _Stream
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    stream: _Stream | None
+    """Abort only if this stream still owns the id (a consumer leaving); None: whoever owns it."""
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """The add failed: bad input (InvalidRequestError) or a full queue (CapacityError)."""
+
+    error: Exception
 
 
 class AsyncEngine:
@@ -38,11 +74,14 @@ class AsyncEngine:
         self.engine = engine
         self.model_name = model_name
         self.metrics = EngineMetrics(model_name)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by the step thread while it touches the engine
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._inbox: deque[_Add | _Abort] = deque()  # append/popleft are thread-safe
+        self._streams: dict[str, _Stream] = {}  # step thread only
         self._stopped = False
         self.error: BaseException | None = None
+        """Why the step loop stopped, if it did (then every call raises EngineDeadError)."""
+        self._update_gauges()
         self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
         self._thread.start()
 
@@ -57,80 +96,160 @@ class AsyncEngine:
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs (with deltas) until the request finishes. Cancelling the
-        consumer (e.g. a client disconnect) aborts the request."""
-        if self.error is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self.error}")
+        """Yield cumulative outputs (with deltas) until the request finishes. Bad input raises
+        InvalidRequestError and a full queue CapacityError, both at the first iteration.
+        Leaving early (break, cancel, client disconnect) aborts the request."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            self.engine.add_request(prompt, params, request_id)  # raises on bad input
-            self._streams[request_id] = stream
-            self._update_gauges()
-        self._wake.set()
-        finished = False
+        self._post(_Add(request_id, prompt, params, stream))
+        done = False
         try:
             while True:
                 item = await stream.queue.get()
+                if isinstance(item, _Rejected):
+                    done = True
+                    raise item.error
                 if isinstance(item, BaseException):
-                    raise EngineDeadError(f"the engine failed: {item}") from item
+                    done = True
+                    raise item
                 yield item
                 if item.finished:
-                    finished = True
+                    done = True
                     return
         finally:
-            if not finished:
-                self.abort(request_id)
+            if not done:
+                self._post_abort(_Abort(request_id, stream))
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
-            self._update_gauges()
+        """Stop a request and free its KV blocks before the next step; its consumer receives a
+        last output with finish_reason "abort". Unknown or finished ids are ignored."""
+        self._post_abort(_Abort(request_id, None))
 
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
 
+    def _post(self, command: _Add) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine is not running: {self.error}")
+        self._inbox.append(command)
+        self._wake.set()
+        if self.error is not None:  # the loop died before it could see the command
+            raise EngineDeadError(f"the engine is not running: {self.error}")
+
+    def _post_abort(self, command: _Abort) -> None:
+        """Never raises: aborts run in cleanup code (finally blocks, disconnects)."""
+        self._inbox.append(command)
+        self._wake.set()
+
     # ---- the step loop (background thread) -----------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stopped:
-            if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                with self._lock:
-                    outputs = self.engine.step()
-                    self._record(outputs)
-                    self._update_gauges()
-                    deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
-                    for o in outputs:
-                        if o.finished:
-                            self._streams.pop(o.request_id, None)
-            except Exception as e:  # a bug in a step: fail every stream, never hang them
-                log.exception("engine step failed")
-                self.error = e
-                self._fail_all(e)
-                return
-            for stream, out in deliveries:
-                if stream is not None:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        try:
+            while not self._stopped:
+                if not self._inbox and not self.engine.has_unfinished():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._deliver(self._step())
+            self.error = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # a bug outside a step: stop, never leave a consumer hanging
+            log.exception("engine loop failed")
+            self.error = e
+        self._fail_all(self.error)
 
-    def _fail_all(self, e: BaseException) -> None:
+    def _step(self) -> list[tuple[_Stream, RequestOutput | BaseException]]:
+        """Apply the inbox, run one step; returns what to deliver to which stream."""
+        deliveries: list[tuple[_Stream, RequestOutput | BaseException]] = []
         with self._lock:
-            streams, self._streams = self._streams, {}
-        for s in streams.values():
-            s.loop.call_soon_threadsafe(s.queue.put_nowait, e)
+            while self._inbox:
+                command = self._inbox.popleft()
+                if isinstance(command, _Add):
+                    self._apply_add(command, deliveries)
+                else:
+                    self._apply_abort(command, deliveries)
+            outputs: list[RequestOutput] = []
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    log.exception("engine step failed; aborting the requests in flight")
+                    self._abort_in_flight(e, deliveries)
+            self._record(outputs)
+            for o in outputs:
+                stream = self._streams.get(o.request_id)
+                if o.finished:
+                    self._streams.pop(o.request_id, None)
+                if stream is not None:
+                    stream.last = o
+                    deliveries.append((stream, o))
+            self._update_gauges()
+        return deliveries
+
+    def _apply_add(self, cmd: _Add, deliveries: list) -> None:
+        rid = cmd.request_id
+        existed = rid in self.engine.scheduler.requests
+        try:
+            self.engine.add_request(cmd.prompt, cmd.params, rid)
+        except Exception as e:
+            if not isinstance(e, MiaotuiError) and not existed:
+                self.engine.abort(rid)  # an unexpected failure may leave it half added
+            deliveries.append((cmd.stream, _Rejected(e)))
+            return
+        self._streams[rid] = cmd.stream
+
+    def _apply_abort(self, cmd: _Abort, deliveries: list) -> None:
+        rid = cmd.request_id
+        stream = self._streams.get(rid)
+        if cmd.stream is not None and stream is not cmd.stream:
+            return  # that consumer's request already finished, or the id is someone else's
+        request = self.engine.scheduler.requests.get(rid)
+        self.engine.abort(rid)
+        self._streams.pop(rid, None)
+        if request is None:
+            return
+        self.metrics.requests_aborted.inc()
+        if stream is not None and cmd.stream is None:  # aborted from outside: end the consumer
+            deliveries.append((stream, _abort_output(rid, stream, request)))
+
+    def _abort_in_flight(self, error: Exception, deliveries: list) -> None:
+        """After a failed step: abort every request so the engine starts clean."""
+        self.metrics.step_failures.inc()
+        for rid in list(self.engine.scheduler.requests):
+            self.engine.abort(rid)
+            self.metrics.requests_aborted.inc()
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                failure = EngineStepError(
+                    f"the engine step failed and aborted this request: {error}"
+                )
+                deliveries.append((stream, failure))
+
+    def _deliver(self, deliveries: list) -> None:
+        for stream, item in deliveries:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody will read
+                if isinstance(item, RequestOutput) and not item.finished:
+                    self._inbox.append(_Abort(item.request_id, stream))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+            while self._inbox:
+                command = self._inbox.popleft()
+                if isinstance(command, _Add):
+                    streams.append(command.stream)
+        dead = EngineDeadError(f"the engine is not running: {error}")
+        self._deliver([(s, dead) for s in streams])
 
     def _record(self, outputs: list[RequestOutput]) -> None:
         m = self.metrics
         now = time.monotonic()
         for o in outputs:
             stream = self._streams.get(o.request_id)
-            n = len(o.delta_token_ids)
-            m.generation_tokens.inc(n)
+            m.generation_tokens.inc(len(o.delta_token_ids))
             if stream is not None:
                 if stream.last_token_time is None:
                     m.ttft.observe(now - o.arrival_time)
@@ -151,6 +270,33 @@ class AsyncEngine:
         _sync_counter(m.prefix_queries, e.block_pool.prefix_queries)
         _sync_counter(m.prefix_hits, e.block_pool.prefix_hits)
         _sync_counter(m.preemptions, e.scheduler.num_preemptions)
+
+
+def _abort_output(rid: str, stream: _Stream, request) -> RequestOutput:
+    """The last output of a request aborted from outside: what it had produced, finished."""
+    now = time.monotonic()
+    if stream.last is not None:
+        return dataclasses.replace(
+            stream.last,
+            delta_text="",
+            delta_token_ids=[],
+            finished=True,
+            finish_reason="abort",
+            finish_time=now,
+        )
+    return RequestOutput(
+        request_id=rid,
+        prompt_token_ids=list(request.prompt_token_ids),
+        token_ids=[],
+        text="",
+        delta_text="",
+        delta_token_ids=[],
+        finished=True,
+        finish_reason="abort",
+        num_cached_tokens=request.num_cached_tokens,
+        arrival_time=request.arrival_time,
+        finish_time=now,
+    )
 
 
 def _sync_counter(counter, total: float) -> None:

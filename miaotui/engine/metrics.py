@@ -37,6 +37,12 @@ class EngineMetrics:
         self.prompt_tokens = counter("miaotui_prompt_tokens", "Prompt tokens computed")
         self.generation_tokens = counter("miaotui_generation_tokens", "Tokens generated")
         self.requests_finished = counter("miaotui_request_success", "Requests finished")
+        self.requests_aborted = counter(
+            "miaotui_request_aborted", "Requests aborted (client left, abort() or a failed step)"
+        )
+        self.step_failures = counter(
+            "miaotui_engine_step_failures", "Steps that raised (their requests were aborted)"
+        )
         self.preemptions = counter("miaotui_num_preemptions", "Requests preempted")
         self.ttft = histogram("miaotui_time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("miaotui_inter_token_latency_seconds", "Time between output tokens")

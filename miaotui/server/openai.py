@@ -1,53 +1,36 @@
 """OpenAI-compatible HTTP API on FastAPI: /v1/completions, /v1/chat/completions (SSE streaming
-or not), /v1/models, /health, /metrics. Routes only translate HTTP into engine requests."""
+or not), /v1/models, /health, /metrics. Routes only translate HTTP into engine requests.
+
+One API call becomes prompts x n engine requests (fanout.py). Each error is answered in OpenAI's
+shape (errors.py). A client that leaves aborts its requests.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miaotui.engine.engine import RequestOutput
-from miaotui.errors import CapacityError, InvalidRequestError, MiaotuiError
+from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
+from miaotui.server.errors import APIError, api_error_for, error_body, error_response
+from miaotui.server.fanout import ClientGone, FanOut, Job
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        kind: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
-
-
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    kind: str = "invalid_request_error",
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy (vLLM); dividing by them overflows
 
 
 @dataclass
@@ -56,34 +39,34 @@ class ServerConfig:
     api_key: str | None = None
 
 
-def create_app(engine, config: ServerConfig) -> FastAPI:
-    """`engine` is an AsyncEngine (or anything with generate/abort/tokenizer/max_model_len)."""
-    app = FastAPI(title="miaotui", version="0.1")
-    app.state.engine, app.state.config = engine, config
+class APIKeyAuth:
+    """Pure ASGI middleware: /v1 routes need `Authorization: Bearer <key>` (streaming-safe,
+    unlike BaseHTTPMiddleware)."""
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", []) if p != "body"]
-        param = ".".join(loc) or None
-        msg = err.get("msg", "invalid request")
-        if err.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {msg}")
-        return error_response(400, f"{param}: {msg}" if param else msg, param)
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given, f"Bearer {config.api_key}"):
-                return error_response(
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(
                     401, "invalid or missing API key", kind="authentication_error"
                 )
-        return await call_next(request)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine, config: ServerConfig) -> FastAPI:
+    """`engine` is an AsyncEngine (or anything with generate/abort/tokenizer/max_model_len/
+    metrics)."""
+    app = FastAPI(title="miaotui", version="0.1")
+    app.state.engine, app.state.config = engine, config
+    if config.api_key:
+        app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -91,16 +74,24 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             return error_response(503, f"engine failed: {engine.error}", kind="server_error")
         return Response(status_code=200)
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {
+    def card() -> dict[str, Any]:
+        return {
             "id": config.model_name,
             "object": "model",
             "created": 0,
             "owned_by": "miaotui",
             "max_model_len": engine.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id not in (config.model_name, "default"):
+            raise APIError(404, f"model {model_id!r} not found", "model", "model_not_found")
+        return card()
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -120,9 +111,51 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             prompt = engine.tokenizer.apply_chat_template(messages)
         except MiaotuiError as e:
             raise APIError(400, str(e), "messages") from e
+        except Exception as e:  # a template that fails on these messages: still their fault
+            raise APIError(
+                400, f"the chat template failed on these messages: {e}", "messages"
+            ) from e
         return await _serve(engine, raw, req, [prompt], chat=True)
 
     return app
+
+
+# Union members and validator wrappers that pydantic puts in an error's location.
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|literal\[.*\])$")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request").removeprefix("Value error, ")
+        if err.get("type") == "json_invalid":
+            return error_response(400, f"malformed JSON body: {msg}")
+        if param is None:
+            if err.get("type") == "missing":
+                return error_response(400, "the request body is missing; send a JSON object")
+            return error_response(400, f"the request body must be a JSON object: {msg}")
+        return error_response(400, f"{param}: {msg}", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
+
+    @app.exception_handler(MiaotuiError)
+    async def _miaotui_error(_: Request, exc: MiaotuiError) -> JSONResponse:
+        e = api_error_for(exc)
+        return error_response(e.status, e.message, e.param, e.kind, e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 def _check_model(req: SamplingFields, config: ServerConfig) -> None:
@@ -149,18 +182,25 @@ def _completion_prompts(prompt) -> list[str | list[int]]:
 
 def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
     limit = engine.max_model_len
+    if prompt_len >= limit:
+        raise APIError(
+            400,
+            f"the prompt has {prompt_len} tokens but this model's context is {limit}; "
+            f"shorten it to at most {limit - 1} tokens",
+            "prompt" if not chat else "messages",
+        )
     requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
     if requested is None:
         requested = min(
-            DEFAULT_CHAT_TOKENS if chat else DEFAULT_COMPLETION_TOKENS, max(1, limit - prompt_len)
+            DEFAULT_CHAT_TOKENS if chat else DEFAULT_COMPLETION_TOKENS, limit - prompt_len
         )
-    field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
     if prompt_len + requested > limit:
         raise APIError(
             400,
             f"this model's context is {limit} tokens, but the prompt has "
             f"{prompt_len} and {field}={requested} asks for {requested} more; "
-            f"reduce the prompt or {field}",
+            f"reduce the prompt or {field} (at most {limit - prompt_len} here)",
             field,
         )
     if chat:
@@ -171,7 +211,7 @@ def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -
     try:
         return SamplingParams(
             max_tokens=requested,
-            temperature=req.temperature,
+            temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
             top_p=req.top_p,
             top_k=max(req.top_k, 0),
             min_p=req.min_p,
@@ -188,6 +228,9 @@ def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -
         raise APIError(400, str(e), e.param) from e
 
 
+# ---- one API call ----------------------------------------------------------------------------
+
+
 async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     jobs = []
@@ -197,90 +240,40 @@ async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat:
             raise APIError(400, "the prompt is empty", "prompt")
         params = _sampling_params(engine, req, len(ids), chat)
         for j in range(req.n):
+            # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
             seed = None if req.seed is None else req.seed + j
-            sub = SamplingParams(**{**params.__dict__, "seed": seed})
-            jobs.append((i * req.n + j, ids, sub))
-    streams = _start(engine, rid, jobs)
-    first = await _first_outputs(streams)  # surfaces 400/429 before any byte is sent
+            idx = i * req.n + j
+            jobs.append(Job(idx, f"{rid}-{idx}", ids, replace(params, seed=seed)))
+    fan = FanOut(engine, jobs, raw)
+    try:
+        await fan.start()
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _sse(raw, rid, req, streams, first, chat, include_usage, engine.tokenizer)
-        return StreamingResponse(body, media_type="text/event-stream")
-    return await _complete(raw, rid, req, streams, first, chat, engine.tokenizer)
-
-
-def _start(engine, rid: str, jobs) -> list[tuple[int, AsyncIterator[RequestOutput]]]:
-    return [(idx, engine.generate(ids, params, f"{rid}-{idx}")) for idx, ids, params in jobs]
-
-
-async def _first_outputs(streams) -> dict[int, RequestOutput | None]:
-    """Start every sub-request; a bad request or a full queue fails the whole call cleanly."""
-    first: dict[int, RequestOutput | None] = {}
-    tasks = {idx: asyncio.ensure_future(anext(gen, None)) for idx, gen in streams}
+        body = _sse(fan, rid, req, chat, include_usage, engine.tokenizer)
+        return StreamingResponse(
+            body, media_type="text/event-stream", background=BackgroundTask(fan.close)
+        )
     try:
-        for idx, task in tasks.items():
-            first[idx] = await task
-    except (InvalidRequestError, CapacityError) as e:
-        for t in tasks.values():
-            t.cancel()
-        for _, gen in streams:
-            await gen.aclose()
-        if isinstance(e, CapacityError):
-            raise APIError(
-                429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"}
-            ) from e
-        raise APIError(400, str(e), getattr(e, "param", None)) from e
-    except BaseException:
-        for _, gen in streams:
-            await gen.aclose()
-        raise
-    return first
-
-
-async def _merged(streams, first) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all sub-requests as they come, tagged with their choice index."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(idx: int, gen) -> None:
-        try:
-            if first[idx] is not None:
-                await queue.put((idx, first[idx]))
-                if first[idx].finished:
-                    return
-            async for out in gen:
-                await queue.put((idx, out))
-        except BaseException as e:  # forward engine failures to the consumer
-            await queue.put((idx, e))
-        finally:
-            await queue.put((idx, None))
-
-    tasks = [asyncio.create_task(pump(idx, gen)) for idx, gen in streams]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            idx, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield idx, item
+        return await _complete(fan, rid, req, chat, engine.tokenizer)
+    except ClientGone:
+        return Response(status_code=499)
     finally:
-        for t in tasks:
-            t.cancel()
-        for _, gen in streams:
-            await gen.aclose()
+        fan.close()
 
 
-async def _complete(raw, rid, req, streams, first, chat, tokenizer) -> JSONResponse:
+async def _complete(fan: FanOut, rid, req, chat, tokenizer) -> JSONResponse:
     finals: dict[int, RequestOutput] = {}
-    async for idx, out in _merged(streams, first):
-        if await raw.is_disconnected():
-            return JSONResponse({}, status_code=499)  # generators close: requests aborted
-        if out.finished:
-            finals[idx] = out
-    choices = [_choice(idx, finals[idx], chat, tokenizer, req) for idx in sorted(finals)]
-    usage = _usage_for(finals, req.n)
+    try:
+        async for idx, out in fan.outputs(check_disconnect=True):
+            if out.finished:
+                finals[idx] = out
+    except (ClientGone, APIError):
+        raise
+    except Exception as e:
+        raise api_error_for(e) from e
+    choices = [_choice(idx, finals[idx], chat, tokenizer) for idx in sorted(finals)]
     obj = "chat.completion" if chat else "text_completion"
     return JSONResponse(
         {
@@ -289,7 +282,7 @@ async def _complete(raw, rid, req, streams, first, chat, tokenizer) -> JSONRespo
             "created": int(time.time()),
             "model": req.model or "default",
             "choices": choices,
-            "usage": usage,
+            "usage": _usage_for(finals, req.n),
         }
     )
 
@@ -307,7 +300,7 @@ def _usage_for(finals: dict[int, RequestOutput], n: int) -> dict[str, Any]:
     }
 
 
-def _choice(idx: int, out: RequestOutput, chat: bool, tokenizer, req) -> dict[str, Any]:
+def _choice(idx: int, out: RequestOutput, chat: bool, tokenizer) -> dict[str, Any]:
     lp = _logprobs(out.logprobs, chat, tokenizer) if out.logprobs else None
     if chat:
         return {
@@ -319,7 +312,10 @@ def _choice(idx: int, out: RequestOutput, chat: bool, tokenizer, req) -> dict[st
     return {"index": idx, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
 
 
-def _logprobs(tokens, chat: bool, tokenizer) -> dict[str, Any]:
+def _logprobs(tokens, chat: bool, tokenizer, offset: int = 0) -> dict[str, Any]:
+    """OpenAI logprobs of sampled tokens; `offset` is where their text starts in the completion
+    (completions' text_offset counts from the start of the whole completion)."""
+
     def text(t: int) -> str:
         return tokenizer.decode([t], skip_special=False)
 
@@ -340,7 +336,7 @@ def _logprobs(tokens, chat: bool, tokenizer) -> dict[str, Any]:
             )
         return {"content": content}
     toks = [text(s.token_id) for s in tokens]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for t in toks:
         offsets.append(pos)
         pos += len(t)
@@ -352,50 +348,57 @@ def _logprobs(tokens, chat: bool, tokenizer) -> dict[str, Any]:
     }
 
 
-async def _sse(raw, rid, req, streams, first, chat, include_usage, tokenizer):
+async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     model = req.model or "default"
     finals: dict[int, RequestOutput] = {}
     sent_lp: dict[int, int] = {}
+    lp_offset: dict[int, int] = {}
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-        if usage is not None:
+        if include_usage:  # OpenAI: null on every chunk but the last
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
-    if chat:
-        yield chunk(
-            [
+    try:
+        if chat:
+            first = [
                 {
-                    "index": i,
+                    "index": job.index,
                     "delta": {"role": "assistant", "content": ""},
                     "logprobs": None,
                     "finish_reason": None,
                 }
-                for i in sorted(first)
+                for job in fan.jobs
             ]
-        )
-    async for idx, out in _merged(streams, first):
-        new_lp = out.logprobs[sent_lp.get(idx, 0) :]
-        sent_lp[idx] = len(out.logprobs)
-        if not out.delta_text and not out.finished and not new_lp:
-            continue
-        lp = _logprobs(new_lp, chat, tokenizer) if new_lp else None
-        reason = out.finish_reason if out.finished else None
-        if chat:
-            choice = {
-                "index": idx,
-                "delta": {"content": out.delta_text} if out.delta_text else {},
-                "logprobs": lp,
-                "finish_reason": reason,
-            }
-        else:
-            choice = {"index": idx, "text": out.delta_text, "logprobs": lp, "finish_reason": reason}
-        if out.finished:
-            finals[idx] = out
-        yield chunk([choice])
-    if include_usage:
-        yield chunk([], _usage_for(finals, req.n))
+            yield chunk(first)
+        async for idx, out in fan.outputs(check_disconnect=False):
+            new_lp = out.logprobs[sent_lp.get(idx, 0) :]
+            sent_lp[idx] = len(out.logprobs)
+            if not out.delta_text and not out.finished and not new_lp:
+                continue
+            lp = None
+            if new_lp:
+                lp = _logprobs(new_lp, chat, tokenizer, lp_offset.get(idx, 0))
+                if not chat:
+                    lp_offset[idx] = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            reason = out.finish_reason if out.finished else None
+            if chat:
+                delta = {"content": out.delta_text} if out.delta_text else {}
+                choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            else:
+                choice = {"index": idx, "text": out.delta_text, "logprobs": lp}
+                choice["finish_reason"] = reason
+            if out.finished:
+                finals[idx] = out
+            yield chunk([choice])
+        if include_usage:
+            yield chunk([], _usage_for(finals, req.n))
+    except Exception as e:  # headers are sent: report the failure in the stream (OpenAI style)
+        err = api_error_for(e)
+        yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
+    finally:
+        fan.close()
     yield "data: [DONE]\n\n"
