@@ -93,10 +93,11 @@ def sampling_params(a: argparse.Namespace) -> SamplingParams:
 def cmd_generate(a: argparse.Namespace) -> None:
     from miaotui.llm import LLM
 
+    params = sampling_params(a)  # bad parameters fail before the model is loaded
     cfg = engine_config(a)
     llm = LLM(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
     prompts = a.prompt or [sys.stdin.read()]
-    results = llm.generate(prompts, sampling_params(a))
+    results = llm.generate(prompts, params)
     for r in results:
         if a.json:
             print(
@@ -117,13 +118,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     from miaotui.llm import LLM
 
+    params = sampling_params(a)  # bad parameters fail before the model is loaded
     cfg = engine_config(a)
     llm = LLM(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
-    params = sampling_params(a)
     messages: list[dict[str, str]] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})
-    turns = [a.message] if a.message else None
+    turns = list(a.message) if a.message else None  # one user turn per argument
     while True:
         if turns is not None:
             if not turns:

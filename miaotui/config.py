@@ -115,6 +115,8 @@ class CacheConfig:
             raise InvalidRequestError(f"block_size must be positive, got {self.block_size}")
         if self.kv_dtype not in ("auto", "int8"):
             raise InvalidRequestError(f"kv_dtype must be 'auto' or 'int8', got {self.kv_dtype!r}")
+        if self.memory_gib <= 0:
+            raise InvalidRequestError(f"memory_gib must be positive, got {self.memory_gib}")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise InvalidRequestError(f"num_blocks must be >= 2, got {self.num_blocks}")
 
@@ -156,3 +158,17 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError(
+                f"max_model_len must be >= 2 (or None for the model's context), "
+                f"got {self.max_model_len}",
+                "max_model_len",
+            )
+        if self.threads is not None and self.threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {self.threads}", "threads")
+        from miaotui.device import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(
+                f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}", "dtype"
+            )

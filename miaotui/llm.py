@@ -83,11 +83,15 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         start = time.monotonic()
         ids_of: dict[str, tuple[int, int]] = {}
-        for i, prompt in enumerate(prompts):
-            for j in range(params.n):
-                sub = _with_seed(params, j)
-                rid = self.engine.add_request(prompt, sub)
-                ids_of[rid] = (i, j)
+        try:
+            for i, prompt in enumerate(prompts):
+                for j in range(params.n):
+                    rid = self.engine.add_request(prompt, _with_seed(params, j))
+                    ids_of[rid] = (i, j)
+        except BaseException:  # one bad prompt rejects the whole call and leaves nothing queued
+            for rid in ids_of:
+                self.engine.abort(rid)
+            raise
         finals: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from miaotui.errors import InvalidRequestError
@@ -43,21 +46,31 @@ class SamplingParams:
     """Leave special tokens out of the text."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        object.__setattr__(self, "stop", tuple(_sequence("stop", stop)))
+        object.__setattr__(
+            self, "stop_token_ids", tuple(_sequence("stop_token_ids", self.stop_token_ids))
+        )
+        _check_types(self)
         checks = [
             ("max_tokens", self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "between 0 and 100"),
             ("top_k", self.top_k >= 0, ">= 0 (0 disables)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "> 0"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty < math.inf, "a finite number > 0"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
             ("n", 1 <= self.n <= 16, "in [1, 16]"),
+            # torch.Generator.manual_seed takes any 64-bit value, signed or not.
+            ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "a 64-bit integer"),
+            ("stop", all(isinstance(x, str) for x in self.stop), "a string or a list of strings"),
+            (
+                "stop_token_ids",
+                all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "a list of token ids >= 0",
+            ),
         ]
         for name, ok, accepted in checks:
             if not ok:
@@ -68,3 +81,38 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+_INTS = ("max_tokens", "top_k", "n", "logprobs", "seed")
+_REALS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_types(p: SamplingParams) -> None:
+    """Wrong types become a request error naming the field, not a TypeError deep inside."""
+    for name in _INTS + _REALS:
+        v = getattr(p, name)
+        if v is None and name in ("logprobs", "seed"):
+            continue
+        ok = (
+            _is_int(v) if name in _INTS else isinstance(v, numbers.Real) and not isinstance(v, bool)
+        )
+        if not ok:
+            kind = "an integer" if name in _INTS else "a number"
+            raise InvalidRequestError(f"{name}={v!r} has the wrong type; expected {kind}", name)
+
+
+def _sequence(name: str, value: object) -> Iterable:
+    if isinstance(value, Iterable):
+        return value
+    raise InvalidRequestError(f"{name}={value!r} has the wrong type; expected a list", name)

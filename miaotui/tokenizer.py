@@ -283,7 +283,9 @@ def render_chat_template(
         return env.from_string(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **extra
         )
-    except TemplateError as e:
+    except (TemplateError, TypeError, ValueError) as e:
+        # TypeError: a template doing `'...' + message['content']` on non-text content (a list
+        # of OpenAI content parts, a number) is the caller's mistake, not a crash.
         from miaotui.errors import InvalidRequestError
 
         raise InvalidRequestError(f"chat template rejected the messages: {e}", "messages") from e

@@ -23,8 +23,11 @@ def read_gguf(path: Path) -> Checkpoint:
     """Open a GGUF file; raises ModelFormatError / UnsupportedModelError with a readable reason."""
     import gguf
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
     if magic != GGUF_MAGIC:
         raise ModelFormatError(
             f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')"
@@ -32,7 +35,10 @@ def read_gguf(path: Path) -> Checkpoint:
     try:
         reader = gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the gguf package raises ValueError/IndexError/... on bad files
-        raise ModelFormatError(f"{path} is a corrupt or truncated GGUF file: {e}") from e
+        raise ModelFormatError(
+            f"{path} is a corrupt or truncated GGUF file ({path.stat().st_size} bytes; "
+            f"the gguf reader says: {e})"
+        ) from e
     meta = {name: _field_value(f) for name, f in reader.fields.items()}
     config = config_from_gguf(meta)
     tensors = _tensors(reader, config)
@@ -74,8 +80,17 @@ def config_from_gguf(meta: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(
             f"unknown architecture {arch!r} in GGUF file; supported: llama, qwen2, gemma3"
         )
-    dim = int(get("embedding_length"))
-    n_heads = int(get("attention.head_count"))
+
+    def positive(key: str, default: Any = None) -> int:
+        v = get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ModelFormatError(f"GGUF metadata {arch}.{key}={v!r} is not a positive integer")
+        return v
+
+    dim = positive("embedding_length")
+    n_heads = positive("attention.head_count")
+    for key in ("block_count", "feed_forward_length"):
+        positive(key)
     head_dim = int(meta.get(f"{arch}.attention.key_length") or dim // n_heads)
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0))
@@ -165,6 +180,35 @@ def _check_complete(tensors: dict[str, TensorSource], config: ModelConfig, path:
     for name, t in tensors.items():
         if t.data.size == 0 and t.numel > 0:
             raise ModelFormatError(f"{path}: tensor {name} has no data (truncated file?)")
+    # Every loader path (float decode or native repack) must see the shapes the metadata
+    # promises; the native path builds its modules from the tensors alone.
+    for name, want in expected_shapes(config).items():
+        got = tensors[name].shape if name in tensors else None
+        if got is not None and tuple(got) != want:
+            raise ModelFormatError(
+                f"{path}: tensor {name} has shape {tuple(got)}, but the metadata implies {want}"
+            )
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes (torch order) of the matrices of a model with config `c`."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {
+        "tok_embeddings.weight": (c.vocab_size, c.dim),
+        "output.weight": (c.vocab_size, c.dim),
+    }
+    for i in range(c.n_layers):
+        a, f = f"layers.{i}.attention", f"layers.{i}.feed_forward"
+        shapes |= {
+            f"{a}.wq.weight": (q, c.dim),
+            f"{a}.wk.weight": (kv, c.dim),
+            f"{a}.wv.weight": (kv, c.dim),
+            f"{a}.wo.weight": (c.dim, q),
+            f"{f}.w_gate.weight": (c.intermediate_size, c.dim),
+            f"{f}.w_up.weight": (c.intermediate_size, c.dim),
+            f"{f}.w_down.weight": (c.dim, c.intermediate_size),
+        }
+    return shapes
 
 
 def check_tensor_type(name: str, qtype: str) -> None:

@@ -12,6 +12,13 @@ from miaotui.load.checkpoint import Checkpoint, TensorSource
 from miaotui.load.names import hf_to_ours
 
 HF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+REQUIRED_INTS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def read_hf_dir(path: Path) -> Checkpoint:
@@ -24,7 +31,14 @@ def read_hf_dir(path: Path) -> Checkpoint:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelFormatError(f"{cfg_file} is not valid JSON: {e}") from e
-    config = config_from_hf(hf.get("text_config", hf) if hf.get("model_type") == "gemma3" else hf)
+    if not isinstance(hf, dict):
+        raise ModelFormatError(f"{cfg_file} holds a {type(hf).__name__}, not a JSON object")
+    try:
+        config = config_from_hf(
+            hf.get("text_config", hf) if hf.get("model_type") == "gemma3" else hf
+        )
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{cfg_file}: {e}") from e
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"{path} has no *.safetensors weight files")
@@ -65,6 +79,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(
             f"unknown model_type {model_type!r} in config.json; supported: {', '.join(HF_ARCHS)}"
         )
+    for key in REQUIRED_INTS:
+        v = hf.get(key)
+        if v is None:
+            raise ModelFormatError(f"the {model_type} config lacks {key!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ModelFormatError(f"{key}={v!r} is not a positive integer")
     dim = hf["hidden_size"]
     n_heads = hf["num_attention_heads"]
     common: dict[str, Any] = dict(
