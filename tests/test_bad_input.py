@@ -241,6 +241,7 @@ def test_token_ids_outside_vocabulary(llm):
 
 
 def test_rejected_batch_leaves_nothing_queued(llm):
+    """One bad prompt rejects the whole call: the good ones before it must not stay queued."""
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         llm.generate(["fine", ""])
     assert not llm.engine.has_unfinished()
@@ -282,18 +283,22 @@ def test_out_of_range_sampling_params(name, value):
     assert e.value.param == name and "expected" in str(e.value)
 
 
-CONFIG_GAPS = {
-    "max_model_len=0": dict(max_model_len=0),  # loader: `0 or model max` -> the full context
-    "threads=-1": dict(threads=-1),  # torch.set_num_threads raises RuntimeError later
-    "dtype=fp64": dict(dtype="fp64"),  # rejected only after the model file was read
-    "memory_gib=-1": dict(cache=dict(memory_gib=-1.0)),  # "the KV cache holds 1 blocks"
+# Each was once accepted: 0 meant "the model's full context", -1 threads reached
+# torch.set_num_threads as a RuntimeError, fp64 failed only after the file was read, and a negative
+# KV budget said "the KV cache holds 1 blocks".
+BAD_CONFIGS = {
+    "max_model_len=0": (dict(max_model_len=0), "max_model_len"),
+    "threads=-1": (dict(threads=-1), "threads"),
+    "dtype=fp64": (dict(dtype="fp64"), "dtype"),
+    "memory_gib=-1": (dict(cache=dict(memory_gib=-1.0)), "memory_gib"),
 }
 
 
-@pytest.mark.parametrize("case", list(CONFIG_GAPS))
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_engine_config_checks_its_fields(case):
-    kwargs = dict(CONFIG_GAPS[case])
-    with pytest.raises(InvalidRequestError):
+    kwargs, field = BAD_CONFIGS[case]
+    kwargs = dict(kwargs)
+    with pytest.raises(InvalidRequestError, match=field):
         if "cache" in kwargs:
             kwargs["cache"] = CacheConfig(**kwargs["cache"])
         EngineConfig(**kwargs)

@@ -28,6 +28,10 @@ def open_checkpoint(name: str | None) -> Checkpoint:
     from miaotui.load.hf_dir import read_hf_dir
 
     path = resolve_model(name)
+    if path.is_dir() and (path / "miaotui.json").is_file():
+        from miaotui.transforms.checkpoint import read_transformed
+
+        return read_transformed(path)  # written by `miaotui quantize` / `miaotui prune`
     if path.is_dir():
         return read_hf_dir(path)
     if path.stat().st_size < 8:
@@ -43,6 +47,16 @@ def load_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
 
 def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) -> Transformer:
     device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
+    if "miaotui.manifest" in ckpt.metadata:  # a saved transformed model: rebuilt as it was saved
+        from miaotui.transforms.checkpoint import build_transformed_model
+
+        model = build_transformed_model(ckpt, resolve_device(device_cfg), resolve_dtype(device_cfg))
+        if cfg.transforms:  # further transforms apply to the modules still in float
+            from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
+
+            ctx = TransformContext(tokenizer, progress=cfg.progress)
+            model = apply_transforms(model, parse_specs(cfg.transforms), ctx)
+        return model
     if cfg.transforms:
         from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
 

@@ -44,9 +44,11 @@ def register(sub) -> None:
     p.add_argument(
         "--configs",
         default="fp32,native,int8,int4-rtn-g32,int4-gptq-g32,int4-awq-g32,w8a8-smooth,kv-int8",
-        help="comma list: fp32, bf16, native, kv-int8, or transform specs",
+        help="comma list: fp32, bf16, native, kv-int8, transform specs, or LABEL=DIR for a "
+        "saved transformed checkpoint",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV budget of every config")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--out", type=Path, default=Path("out/compare"))
@@ -128,6 +130,8 @@ def config_args(name: str) -> list[str]:
         return ["--weights", "native"]
     if name == "kv-int8":
         return ["--weights", "native", "--kv-cache-dtype", "int8"]
+    if Path(name).is_dir():  # a checkpoint saved by `miaotui quantize` / `miaotui prune`
+        return ["--model", name]
     return ["--weights", "float", "--transforms", name]
 
 
@@ -136,15 +140,19 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
     rows = []
     base = [sys.executable, "-m", "miaotui.cli"]
-    common = ["--threads", str(a.threads)] + (["--model", a.model] if a.model else [])
     tmp = a.out / "runs"
-    for name in [c.strip() for c in a.configs.split(",") if c.strip()]:
+    for item in [c.strip() for c in a.configs.split(",") if c.strip()]:
+        name, _, target = item.partition("=")  # LABEL=DIR: a saved checkpoint
+        target = target or name
         print(f"[compare] {name}", file=sys.stderr)
         row = {"config": name}
+        saved = Path(target).is_dir()
+        common = ["--threads", str(a.threads), "--kv-cache-gib", str(a.kv_cache_gib)]
+        common += ["--model", a.model] if a.model and not saved else []
         ev = tmp / f"{name}.eval.json"
         cmd = base + [
             "eval",
-            *config_args(name),
+            *config_args(target),
             *common,
             "--limit",
             str(a.limit),
@@ -158,7 +166,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
         if not a.no_bench:
             bj = tmp / f"{name}.bench.json"
             # Each config runs in its own process so that peak RSS is its own.
-            if _run(base + ["bench", *config_args(name), *common, "--json", str(bj)]):
+            if _run(base + ["bench", *config_args(target), *common, "--json", str(bj)]):
                 row.update(
                     {
                         k: v
