@@ -180,8 +180,16 @@ def cmd_info(a: argparse.Namespace) -> None:
         print(f"{k:18} {v}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line on stderr, like every other CLI error."""
+
+    def error(self, message: str):
+        print(f"miaotui: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miaotui", description="秒推: fast LLM inference")
+    parser = _Parser(prog="miaotui", description="秒推: fast LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

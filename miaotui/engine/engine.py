@@ -85,6 +85,8 @@ class LLMEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         """Queue a request (n must be 1 here; callers fan out n > 1). Returns its id."""
+        if isinstance(prompt, str) and not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
