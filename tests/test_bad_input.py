@@ -27,7 +27,7 @@ from miaotui.errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from tests import tiny_models
+from tests import helpers
 
 CLI_TIMEOUT = 120  # seconds; a healthy failing run takes a few
 pytestmark = pytest.mark.timeout(CLI_TIMEOUT + 60)  # nothing here may hang
@@ -88,9 +88,9 @@ def _tiny_gguf(
                 raw_shape, raw_dtype = tensor.shape, gguf.GGMLQuantizationType.IQ2_XXS
             super().add_tensor(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype)
 
-    hf = tiny_models.hf_model("llama", **overrides)
+    hf = helpers.hf_model("llama", **overrides)
     with mock.patch.object(gguf, "GGUFWriter", Writer):
-        return tiny_models.write_gguf(hf, "llama", path, qtype)
+        return helpers.write_gguf(hf, "llama", path, qtype)
 
 
 def _mamba_gguf(path: Path) -> Path:
@@ -205,7 +205,7 @@ def test_zero_heads_in_metadata(files):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("hf") / "model"
-    return tiny_models.save_hf_dir(tiny_models.hf_model("llama"), d)
+    return helpers.save_hf_dir(helpers.hf_model("llama"), d)
 
 
 @pytest.mark.parametrize("case", list(HF_DIR_CASES))
@@ -354,7 +354,7 @@ def cli_runs(files) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
             stdin=subprocess.DEVNULL,
             text=True,
             env=dict(os.environ, MIAOTUI_THREADS="1"),
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=helpers.REPO,
         )
         for name, (args, _) in cases.items()
     }

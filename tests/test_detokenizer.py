@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from miaotui.load.gguf_file import read_gguf
 from miaotui.tokenizer import IncrementalDetokenizer, StopStringMatcher, TextTokenizer
-from tests.conftest import default_model_path
+from tests.helpers import default_model_path
 
 MULTIBYTE = [
     "😀👍🏽🇫🇷 emoji",

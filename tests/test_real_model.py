@@ -19,8 +19,8 @@ import torch
 from miaotui import LLM, CacheConfig, SamplingParams
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.kv_cache import KVCache
-from tests.conftest import SHARED, default_model_path, run_steps
-from tests.test_engine_batching import assert_same_tokens, engine_variant
+from tests.engine.test_engine_batching import assert_same_tokens, engine_variant
+from tests.helpers import SHARED, default_model_path, run_steps
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from tokenizers import pre_tokenizers
 from miaotui.errors import InvalidRequestError
 from miaotui.load.gguf_file import read_gguf
 from miaotui.tokenizer import TextTokenizer, render_chat_template
-from tests.conftest import SHARED, default_model_path
+from tests.helpers import SHARED, default_model_path
 
 HANDPICKED = [
     "Hello world",

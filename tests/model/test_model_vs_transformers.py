@@ -11,8 +11,7 @@ from miaotui.load.hf_dir import read_hf_dir
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.build import build_model
 from miaotui.model.kv_cache import KVCache
-from tests.conftest import run_steps
-from tests.tiny_models import hf_model, save_hf_dir, write_gguf
+from tests.helpers import hf_model, run_steps, save_hf_dir, write_gguf
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 

@@ -21,7 +21,7 @@ from miaotui.model.standalone import forward_sequences
 from miaotui.transforms.calibrate import CalibrationConfig
 from miaotui.transforms.checkpoint import load_transformed, save_transformed
 from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
-from tests.tiny_models import hf_model, save_hf_dir
+from tests.helpers import hf_model, save_hf_dir
 
 IDS = [list(range(5, 45)), list(range(60, 71))]
 

@@ -17,7 +17,7 @@ from miaotui.eval.perplexity import perplexity, perplexity_of_ids
 from miaotui.eval.tasks import extractive_qa, f1_score, multiple_choice, normalize_answer
 from miaotui.load.hf_dir import read_hf_dir
 from miaotui.model.build import build_model
-from tests.tiny_models import hf_model, save_hf_dir
+from tests.helpers import hf_model, save_hf_dir
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "

@@ -16,7 +16,7 @@ from miaotui.engine.loader import build_engine
 from miaotui.llm import LLM
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.openai import ServerConfig, create_app
-from tests.test_parallel_model import write_tiny_gguf
+from tests.parallel.test_parallel_model import write_tiny_gguf
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

@@ -38,10 +38,10 @@ import torch
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.llm import LLM, GenerationResult
 from miaotui.sampling_params import SamplingParams
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-miaotui-test"
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 256

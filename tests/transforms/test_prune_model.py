@@ -28,9 +28,9 @@ from miaotui.transforms.pipeline import (
 )
 from miaotui.transforms.prune import head_plan, prune_model, sparsify_model
 from miaotui.transforms.sparse_linear import SparseLinear
+from tests.helpers import SHARED
 
 VOCAB = 128
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 OUTLIERS = [3, 17, 40, 51]
 """Residual channels scaled up by the norms, like the outlier features of real LLMs."""
 

@@ -18,7 +18,7 @@ from miaotui.config import CacheConfig, EngineConfig
 from miaotui.engine.loader import build_engine, open_checkpoint
 from miaotui.errors import DistributedError, InvalidRequestError
 from miaotui.parallel.dist import ParallelConfig, free_port, init_distributed
-from tests.tiny_models import _add_tensor, _gguf_name, _permute, _rope_theta, hf_model
+from tests.helpers import _add_tensor, _gguf_name, _permute, _rope_theta, hf_model
 
 pytestmark = pytest.mark.slow
 

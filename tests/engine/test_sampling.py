@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams
 from miaotui.engine.sampler import apply_penalties, filter_logits, make_generator, sample_row
-from tests.test_engine_batching import engine_variant, tiny_chat_gguf, tiny_hf_model
+from tests.engine.test_engine_batching import engine_variant, tiny_chat_gguf, tiny_hf_model
 
 # ---- filters: the allowed set, computed independently ---------------------------------------
 

