@@ -287,8 +287,6 @@ def _abort_output(rid: str, stream: _Stream, request) -> RequestOutput:
     return RequestOutput(
         request_id=rid,
         prompt_token_ids=list(request.prompt_token_ids),
-        token_ids=[],
-        text="",
         delta_text="",
         delta_token_ids=[],
         finished=True,

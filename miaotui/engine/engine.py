@@ -15,7 +15,7 @@ import torch
 
 from miaotui.config import CacheConfig
 from miaotui.engine.block_pool import BlockPool
-from miaotui.engine.request import Request, RequestStatus
+from miaotui.engine.request import Request, RequestStatus, check_prompt
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
@@ -27,22 +27,54 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Produced:
+    """Everything one request produced, append-only. Each step's RequestOutput reads its own
+    prefix of these lists: a step copies nothing (copying all ids each step is O(n^2) per
+    request), and an output handed to another thread is a snapshot that later steps (which
+    only append) cannot change."""
+
+    token_ids: list[int] = field(default_factory=list)
+    """The request's own output_token_ids (shared, not copied)."""
+    text: list[str] = field(default_factory=list)
+    """Text deltas, one per output."""
+    logprobs: list[SampledToken] = field(default_factory=list)
+    """One per sampled token, when logprobs were asked for."""
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     """What a request produced so far (cumulative), plus the newest delta for streaming."""
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
     delta_text: str
     delta_token_ids: list[int]
     finished: bool
     finish_reason: str | None
-    logprobs: list[SampledToken] = field(default_factory=list)
+    delta_logprobs: list[SampledToken] = field(default_factory=list)
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    produced: Produced = field(default_factory=Produced, repr=False, compare=False)
+    """The request's history, shared by all its outputs; read it through the properties."""
+    upto: tuple[int, int, int] = (0, 0, 0)
+    """This output's prefix of produced.(token_ids, text, logprobs)."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All tokens sampled so far (a new list)."""
+        return self.produced.token_ids[: self.upto[0]]
+
+    @property
+    def text(self) -> str:
+        """All text so far."""
+        return "".join(self.produced.text[: self.upto[1]])
+
+    @property
+    def logprobs(self) -> list[SampledToken]:
+        """Log-probabilities of all tokens so far (a new list; empty unless requested)."""
+        return self.produced.logprobs[: self.upto[2]]
 
 
 @dataclass
@@ -54,10 +86,10 @@ class _RequestState:
     generator: torch.Generator | None
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
-    text: str = ""
-    logprobs: list[SampledToken] = field(default_factory=list)
+    produced: Produced
     first_token_time: float | None = None
     emitted_tokens: int = 0
+    emitted_logprobs: int = 0
 
 
 class LLMEngine:
@@ -85,41 +117,32 @@ class LLMEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:
         """Queue a request (n must be 1 here; callers fan out n > 1). Returns its id."""
-        if isinstance(prompt, str) and not prompt:
-            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(ids, params)
+        if isinstance(prompt, str):  # an empty text is refused even if the tokenizer adds BOS
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = list(prompt)
+        check_prompt(len(ids), self.config.max_model_len)
+        bad = [t for t in ids if not 0 <= t < self.runner.model.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.states:
             raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
         eos = set(params.stop_token_ids)
         if not params.ignore_eos:
             eos |= self.tokenizer.stop_ids
-        req = Request(rid, ids, params.max_tokens, params, frozenset(eos))
+        req = Request(rid, ids, params.max_tokens, eos_token_ids=frozenset(eos))
         self.scheduler.add_request(req)
-        gen = make_generator(params.seed) if not params.greedy else None
+        gen = None if params.greedy else make_generator(params.seed, self.runner.device)
         self.states[rid] = _RequestState(
             req,
             params,
             gen,
             IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
             StopStringMatcher(list(params.stop)),
+            Produced(req.output_token_ids),
         )
         return rid
-
-    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
-        limit = self.config.max_model_len
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the context holds {limit}; "
-                f"shorten it to at most {limit - 1} tokens",
-                "prompt",
-            )
-        bad = [t for t in ids if not 0 <= t < self.runner.model.config.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks (unknown ids are ignored)."""
@@ -135,7 +158,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        inp = self.runner.prepare(out.scheduled)
+        inp = self.runner.prepare(out)
         logits = self.runner.execute(inp)
         states = [self.states[rid] for rid in inp.sample_ids]
         tokens = sample(
@@ -148,7 +171,7 @@ class LLMEngine:
         self.num_prompt_tokens += sum(self._prompt_tokens_in(s) for s in out.scheduled)
         for st, tok in zip(states, tokens):
             if st.params.logprobs is not None:
-                st.logprobs.append(tok)
+                st.produced.logprobs.append(tok)
         updated = self.scheduler.update_from_output(
             out, {rid: t.token_id for rid, t in zip(inp.sample_ids, tokens)}
         )
@@ -180,22 +203,25 @@ class LLMEngine:
                 break
         if req.is_finished and not stopped:
             delta += st.stops.flush()
-        st.text += delta
+        produced = st.produced
+        produced.text.append(delta)
+        new_logprobs = produced.logprobs[st.emitted_logprobs :]
+        st.emitted_logprobs = len(produced.logprobs)
         finished = req.is_finished
         if finished:
             self.states.pop(req.request_id, None)
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
-            text=st.text,
             delta_text=delta,
             delta_token_ids=new_tokens,
             finished=finished,
             finish_reason=req.status.finish_reason,
-            logprobs=st.logprobs,
+            delta_logprobs=new_logprobs,
             num_cached_tokens=req.num_cached_tokens,
             arrival_time=req.arrival_time,
             first_token_time=st.first_token_time,
             finish_time=now if finished else None,
+            produced=produced,
+            upto=(st.emitted_tokens, len(produced.text), st.emitted_logprobs),
         )

@@ -17,6 +17,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from miaotui.errors import InvalidRequestError
+
 
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
@@ -49,6 +51,19 @@ _FINISH_REASONS = {
 }
 
 
+def check_prompt(num_prompt_tokens: int, max_model_len: int, param: str = "prompt") -> None:
+    """The one check of a prompt's length, for the engine and the server alike: a request must
+    leave room in the context for at least one generated token."""
+    if num_prompt_tokens == 0:
+        raise InvalidRequestError("the prompt is empty; give at least one token", param)
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {num_prompt_tokens} tokens but the context holds {max_model_len}; "
+            f"shorten it to at most {max_model_len - 1} tokens",
+            param,
+        )
+
+
 @dataclass(eq=False)  # identity semantics: two requests with equal fields are still two requests
 class Request:
     """One generation: immutable inputs, then the state the scheduler and block pool mutate."""
@@ -59,8 +74,6 @@ class Request:
     """Prompt tokens (copied to a list on construction)."""
     max_tokens: int
     """Upper bound on sampled tokens."""
-    sampling: object = None
-    """Opaque sampling parameters, passed through to the runner untouched."""
     eos_token_ids: frozenset[int] = frozenset()
     """Sampling one of these finishes the request (empty for ignore_eos)."""
     arrival_time: float = field(default_factory=time.monotonic)

@@ -1,5 +1,8 @@
 """Scheduler output -> one forward pass: packs the step's tokens, builds attention addressing
-and returns the logits of the rows that need sampling. Sampling itself stays on the driver."""
+and returns the logits of the rows that need sampling. Sampling itself stays on the driver.
+
+The runner keeps every running request's block table: the scheduler sends a new request's whole
+table once, then only the blocks appended to it, and the ids of requests whose tables to drop."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from miaotui.config import CacheConfig
-from miaotui.engine.scheduler import ScheduledRequest
+from miaotui.engine.scheduler import ScheduledRequest, SchedulerOutput
 from miaotui.model.attention import AttentionMetadata, build_attention_metadata
 from miaotui.model.kv_cache import Int8KVCache, KVCache, kv_bytes_per_token
 from miaotui.model.transformer import Transformer
@@ -54,13 +57,30 @@ class ModelRunner:
         self.kv_cache = kv_cls(
             c.n_layers, num_blocks * cache.block_size, n_kv_heads, c.head_dim, dtype, device
         )
+        self.block_tables: dict[str, list[int]] = {}
+        """Block table of every request the scheduler has running (or had, until freed)."""
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
+        """Apply the step's block-table changes, then pack its tokens."""
+        self.update_block_tables(out)
+        return self.build_input(out.scheduled)
+
+    def update_block_tables(self, out: SchedulerOutput) -> None:
+        # Freed first: a request preempted or finished earlier may come back as new this step.
+        for rid in out.freed_ids:
+            self.block_tables.pop(rid, None)  # never-scheduled requests have no table
+        for r in out.new:
+            self.block_tables[r.request_id] = list(r.block_ids)
+        for r in out.cached:
+            self.block_tables[r.request_id].extend(r.new_block_ids)
+
+    def build_input(self, scheduled: list[ScheduledRequest]) -> ModelInput:
+        """Pack `scheduled` (whose block tables are known) into one forward pass's input."""
         ids = [t for s in scheduled for t in s.token_ids]
         meta = build_attention_metadata(
             [s.start_pos for s in scheduled],
             [len(s.token_ids) for s in scheduled],
-            [s.block_ids for s in scheduled],
+            [self.block_tables[s.request_id] for s in scheduled],
             self.block_size,
             self.model.config.sliding_window,
             self.device,

@@ -108,8 +108,9 @@ def sample(
     return out
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A request's own generator: seeded requests repeat exactly, whatever else is batched."""
-    g = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A request's own generator on the device of its logits (torch.multinomial needs both on
+    one device): seeded requests repeat exactly, whatever else is batched."""
+    g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     return g

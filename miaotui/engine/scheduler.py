@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from miaotui.engine.block_pool import BlockPool, check_invariant
-from miaotui.engine.request import Request, RequestStatus
+from miaotui.engine.request import Request, RequestStatus, check_prompt
 from miaotui.errors import CapacityError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -62,33 +62,54 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """One request's share of a step."""
+    """One request's share of a step (what NewRequest and CachedRequest have in common)."""
 
     request_id: str
     token_ids: list[int]
     """Tokens to compute this step, at positions start_pos .. start_pos + len - 1."""
     start_pos: int
     """num_computed_tokens before the step."""
-    block_ids: list[int]
-    """The request's whole block table (a copy)."""
     sample: bool
     """The step reaches the end of the known tokens: sample the next token from the last one."""
-    sampling: object
-    """The request's opaque sampling parameters."""
-    output_token_ids: list[int]
-    """Live view of the tokens sampled so far (for penalties); do not mutate."""
+
+
+@dataclass(frozen=True)
+class NewRequest(ScheduledRequest):
+    """A request the runner holds no block table for: just admitted, or re-admitted after a
+    preemption. Carries its whole block table."""
+
+    block_ids: list[int]
+    """The request's whole block table (a copy)."""
+
+
+@dataclass(frozen=True)
+class CachedRequest(ScheduledRequest):
+    """A request the runner already holds a block table for (it ran before and was not
+    preempted since). Carries only the blocks appended this step, so its share of the message
+    stays O(1) however long the request grows."""
+
+    new_block_ids: list[int]
+    """Blocks appended to the request's table this step (usually none, one per block_size
+    decoded tokens)."""
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    """Batch order."""
-    preempted_ids: list[str]
-    """Preempted this step: the runner drops their per-request state."""
-    finished_ids: list[str]
-    """Finished or aborted since the previous step: the runner drops their state."""
-    num_batched_tokens: int
-    """Sum of len(token_ids) over scheduled; <= max_num_batched_tokens."""
+    """One step, as the runner needs it (vLLM v1 splits new from cached request data the same
+    way): the runner keeps each request's block table and applies these changes to it."""
+
+    cached: list[CachedRequest]
+    """Running requests scheduled this step, in batch order (they come first)."""
+    new: list[NewRequest]
+    """Requests admitted this step, in batch order (after the cached ones)."""
+    freed_ids: list[str]
+    """Requests whose blocks were freed (finished, aborted or preempted) since the previous
+    step: the runner drops their block tables."""
+
+    @property
+    def scheduled(self) -> list[ScheduledRequest]:
+        """Every request of the step, in batch order."""
+        return [*self.cached, *self.new]
 
 
 class Scheduler:
@@ -109,7 +130,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         """Unfinished requests by id."""
         self.num_preemptions = 0
-        self._finished_ids: list[str] = []
+        self._freed_ids: list[str] = []
+        """Freed since the last step handed to the runner (SchedulerOutput.freed_ids)."""
 
     @property
     def num_running(self) -> int:
@@ -158,14 +180,16 @@ class Scheduler:
     # ---- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        scheduled: list[ScheduledRequest] = []
-        preempted_ids: list[str] = []
-        budget = self._schedule_running(scheduled, preempted_ids)
-        if not preempted_ids:  # memory is tight after a preemption: admit nothing this step
-            budget = self._schedule_waiting(scheduled, budget)
-        finished_ids, self._finished_ids = self._finished_ids, []
-        num_batched = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(scheduled, preempted_ids, finished_ids, num_batched)
+        cached: list[CachedRequest] = []
+        new: list[NewRequest] = []
+        num_preempted = self.num_preemptions
+        budget = self._schedule_running(cached)
+        if self.num_preemptions == num_preempted:  # memory is tight after a preemption
+            self._schedule_waiting(new, budget)
+        if not cached and not new:  # nothing runs: the freed ids ride on the next real step
+            return SchedulerOutput([], [], [])
+        freed_ids, self._freed_ids = self._freed_ids, []
+        return SchedulerOutput(cached, new, freed_ids)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
@@ -198,25 +222,34 @@ class Scheduler:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _schedule_running(self, scheduled: list[ScheduledRequest], preempted_ids: list[str]) -> int:
+    def _schedule_running(self, scheduled: list[CachedRequest]) -> int:
         """Schedule running requests in order; returns the budget left."""
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
+            num_blocks = len(request.block_ids)
             while not self.block_pool.append_slots(request, num_new):
                 victim = self.running.pop()  # the most recently arrived; index >= i
                 self._preempt(victim)
-                preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
-            scheduled.append(self._scheduled(request, num_new))
+            start = request.num_computed_tokens
+            scheduled.append(
+                CachedRequest(
+                    request.request_id,
+                    request.token_slice(start, start + num_new),
+                    start,
+                    start + num_new == request.num_tokens,
+                    request.block_ids[num_blocks:],
+                )
+            )
             budget -= num_new
             i += 1
         return budget
 
-    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> int:
+    def _schedule_waiting(self, scheduled: list[NewRequest], budget: int) -> int:
         """Admit waiting requests in FCFS order; returns the budget left."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -226,7 +259,16 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             num_new = self._num_new_tokens(request, budget)
-            scheduled.append(self._scheduled(request, num_new))
+            start = request.num_computed_tokens
+            scheduled.append(
+                NewRequest(
+                    request.request_id,
+                    request.token_slice(start, start + num_new),
+                    start,
+                    start + num_new == request.num_tokens,
+                    list(request.block_ids),
+                )
+            )
             budget -= num_new
         return budget
 
@@ -234,25 +276,13 @@ class Scheduler:
         missing = request.num_tokens - request.num_computed_tokens
         return min(missing, self.config.long_prefill_token_threshold, budget)
 
-    @staticmethod
-    def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=request.token_slice(start, start + num_new),
-            start_pos=start,
-            block_ids=list(request.block_ids),
-            sample=start + num_new == request.num_tokens,
-            sampling=request.sampling,
-            output_token_ids=request.output_token_ids,
-        )
-
     def _preempt(self, request: Request) -> None:
         self.block_pool.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        self._freed_ids.append(request.request_id)
         logger.debug(
             "preempted %s (%d tokens to recompute)", request.request_id, request.num_tokens
         )
@@ -265,21 +295,13 @@ class Scheduler:
         self.block_pool.free(request)
         request.status = status
         del self.requests[request.request_id]
-        self._finished_ids.append(request.request_id)
+        self._freed_ids.append(request.request_id)
 
     def _validate(self, request: Request) -> None:
         rid = request.request_id
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
-        if request.num_prompt_tokens == 0:
-            raise InvalidRequestError(f"request {rid!r} has an empty prompt", "prompt")
-        if request.num_tokens >= self.config.max_model_len:
-            raise InvalidRequestError(
-                f"request {rid!r} has {request.num_tokens} tokens; at most "
-                f"{self.config.max_model_len - 1} fit max_model_len={self.config.max_model_len} "
-                f"with room for one generated token",
-                "prompt",
-            )
+        check_prompt(request.num_prompt_tokens, self.config.max_model_len)
         if request.max_tokens < 1:
             raise InvalidRequestError(
                 f"max_tokens must be >= 1, got {request.max_tokens}", "max_tokens"

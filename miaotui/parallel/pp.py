@@ -23,7 +23,7 @@ import torch
 
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.engine.runner import ModelInput, ModelRunner
-from miaotui.engine.scheduler import ScheduledRequest
+from miaotui.engine.scheduler import ScheduledRequest, SchedulerOutput
 from miaotui.errors import InvalidRequestError
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.model.kv_cache import Int8KVCache, KVCache
@@ -139,6 +139,7 @@ class PipelineRunner(ModelRunner):
             dtype,
         )
         self.stage, self.num_stages, self.comm = stage, num_stages, comm
+        self.block_tables: dict[str, list[int]] = {}
         self.num_micro_batches = num_micro_batches or num_stages
         c = model.config
         kv_cls = Int8KVCache if cache.kv_dtype == "int8" else KVCache
@@ -147,9 +148,10 @@ class PipelineRunner(ModelRunner):
             len(model.layers), num_blocks * cache.block_size, n_kv, c.head_dim, dtype, device
         )
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> PipelineInput:
-        groups = split_micro_batches(scheduled, self.num_micro_batches)
-        return PipelineInput([super(PipelineRunner, self).prepare(g) for g in groups])
+    def prepare(self, out: SchedulerOutput) -> PipelineInput:
+        self.update_block_tables(out)
+        groups = split_micro_batches(out.scheduled, self.num_micro_batches)
+        return PipelineInput([self.build_input(g) for g in groups])
 
     @torch.inference_mode()
     def execute(self, inp: PipelineInput) -> torch.Tensor:

@@ -24,7 +24,7 @@ from miaotui.device import DeviceConfig, resolve_device, resolve_dtype, setup_th
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.loader import load_tokenizer, open_checkpoint
 from miaotui.engine.runner import ModelInput, ModelRunner, num_cache_blocks
-from miaotui.engine.scheduler import ScheduledRequest, SchedulerConfig
+from miaotui.engine.scheduler import SchedulerConfig, SchedulerOutput
 from miaotui.errors import DistributedError, InvalidRequestError, MiaotuiError
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.parallel.dist import Comm, ParallelConfig, init_distributed
@@ -112,8 +112,8 @@ class DriverRunner:
         self.step_seconds = 0.0
         self.closed = False
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> ModelInput | PipelineInput:
-        return self.inner.prepare(scheduled)
+    def prepare(self, out: SchedulerOutput) -> ModelInput | PipelineInput:
+        return self.inner.prepare(out)
 
     def execute(self, inp: ModelInput | PipelineInput) -> torch.Tensor:
         if self.closed:

@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miaotui.engine.engine import RequestOutput
+from miaotui.engine.request import check_prompt
 from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, api_error_for, error_body, error_response
@@ -182,13 +183,10 @@ def _completion_prompts(prompt) -> list[str | list[int]]:
 
 def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
     limit = engine.max_model_len
-    if prompt_len >= limit:
-        raise APIError(
-            400,
-            f"the prompt has {prompt_len} tokens but this model's context is {limit}; "
-            f"shorten it to at most {limit - 1} tokens",
-            "prompt" if not chat else "messages",
-        )
+    try:  # before the default max_tokens, which needs room left in the context
+        check_prompt(prompt_len, limit, "messages" if chat else "prompt")
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), e.param) from e
     requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
     field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
     if requested is None:
@@ -236,8 +234,6 @@ async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat:
     jobs = []
     for i, prompt in enumerate(prompts):
         ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
         params = _sampling_params(engine, req, len(ids), chat)
         for j in range(req.n):
             # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
@@ -353,7 +349,6 @@ async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
     obj = "chat.completion.chunk" if chat else "text_completion"
     model = req.model or "default"
     finals: dict[int, RequestOutput] = {}
-    sent_lp: dict[int, int] = {}
     lp_offset: dict[int, int] = {}
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -375,8 +370,7 @@ async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
             ]
             yield chunk(first)
         async for idx, out in fan.outputs(check_disconnect=False):
-            new_lp = out.logprobs[sent_lp.get(idx, 0) :]
-            sent_lp[idx] = len(out.logprobs)
+            new_lp = out.delta_logprobs
             if not out.delta_text and not out.finished and not new_lp:
                 continue
             lp = None

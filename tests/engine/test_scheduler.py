@@ -34,26 +34,35 @@ def reference_generate(prompt: list[int], max_tokens: int, eos=frozenset(), max_
 
 
 class FakeRunner:
+    """Keeps block tables as ModelRunner does: whole for new requests, appended for cached ones,
+    dropped for freed ones."""
+
     def __init__(self, pool: BlockPool):
         self.bs = pool.block_size
         self.kv: list[list[int | None]] = [[None] * self.bs for _ in range(pool.num_blocks)]
+        self.tables: dict[str, list[int]] = {}
 
     def _slot(self, block_ids: list[int], pos: int) -> tuple[int, int]:
         return block_ids[pos // self.bs], pos % self.bs
 
     def step(self, out: SchedulerOutput) -> dict[str, int]:
+        for rid in out.freed_ids:
+            self.tables.pop(rid, None)
+        for s in out.new:
+            self.tables[s.request_id] = list(s.block_ids)
+        for s in out.cached:
+            self.tables[s.request_id] += s.new_block_ids
         # Like a real forward pass: write the whole batch's KV first, then attend.
         for s in out.scheduled:
             for j, token in enumerate(s.token_ids):
-                block, offset = self._slot(s.block_ids, s.start_pos + j)
+                block, offset = self._slot(self.tables[s.request_id], s.start_pos + j)
                 self.kv[block][offset] = token
         sampled = {}
         for s in out.scheduled:
             if s.sample:
                 end = s.start_pos + len(s.token_ids)
-                context = [
-                    self.kv[b][o] for b, o in (self._slot(s.block_ids, p) for p in range(end))
-                ]
+                table = self.tables[s.request_id]
+                context = [self.kv[b][o] for b, o in (self._slot(table, p) for p in range(end))]
                 sampled[s.request_id] = next_token(context)
         return sampled
 
@@ -66,14 +75,21 @@ def make_scheduler(num_blocks=64, prefix_caching=True, **config):
 
 def step(sched: Scheduler, runner: FakeRunner) -> SchedulerOutput:
     out = sched.schedule()
-    assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.scheduled)
-    assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
+    assert num_batched_tokens(out) <= sched.config.max_num_batched_tokens
     scheduled_ids = {s.request_id for s in out.scheduled}
     assert len(scheduled_ids) == len(out.scheduled)
-    assert not scheduled_ids & set(out.preempted_ids)
-    sched.update_from_output(out, runner.step(out))
+    assert not {s.request_id for s in out.cached} & set(out.freed_ids)
+    sampled = runner.step(out)
+    for r in sched.running:  # the runner's tables follow the scheduler's exactly
+        assert runner.tables.get(r.request_id, []) == r.block_ids, r.request_id
+    assert set(runner.tables) <= {r.request_id for r in sched.running} | set(sched._freed_ids)
+    sched.update_from_output(out, sampled)
     sched.check_invariants()
     return out
+
+
+def num_batched_tokens(out: SchedulerOutput) -> int:
+    return sum(len(s.token_ids) for s in out.scheduled)
 
 
 def run_to_completion(sched, runner, max_steps=5000) -> list[SchedulerOutput]:
@@ -112,7 +128,7 @@ def test_token_budget_is_respected_and_everything_matches_reference():
     for req in reqs:
         sched.add_request(req)
     outputs = run_to_completion(sched, runner)
-    assert max(out.num_batched_tokens for out in outputs) == 20  # the budget was the limit
+    assert max(num_batched_tokens(out) for out in outputs) == 20  # the budget was the limit
     for req in reqs:
         assert req.output_token_ids == reference_generate(req.prompt_token_ids, req.max_tokens)
 
@@ -164,7 +180,7 @@ def test_preemption_by_recompute_gives_the_same_tokens(prefix_caching):
     step(sched, runner)
     assert sched.block_pool.num_free_blocks == 0
     out = step(sched, runner)
-    assert out.preempted_ids == ["r2"]
+    assert out.freed_ids == ["r2"]
     assert [s.request_id for s in out.scheduled] == ["r0", "r1"]
     victim = reqs[2]
     assert list(sched.waiting) == [victim, reqs[3]] and victim.status is RequestStatus.PREEMPTED
@@ -250,7 +266,10 @@ def test_abort_frees_everything_and_is_reported():
     assert a.status is b.status is RequestStatus.FINISHED_ABORTED
     assert sched.block_pool.num_free_blocks == sched.block_pool.num_usable_blocks
     assert not sched.has_unfinished() and sched.num_running == sched.num_waiting == 0
-    assert sched.schedule().finished_ids == ["a", "b"]
+    assert sched.schedule().freed_ids == []  # nothing runs: the ids wait for a real step
+    sched.add_request(Request("c", prompt(3, 2), max_tokens=2))
+    out = sched.schedule()
+    assert out.freed_ids == ["a", "b"] and [s.request_id for s in out.new] == ["c"]
     sched.check_invariants()
 
 
@@ -282,9 +301,9 @@ def test_invalid_requests_and_configs():
     sched.add_request(Request("a", [1], 5))
     with pytest.raises(InvalidRequestError, match="already in use"):
         sched.add_request(Request("a", [1], 5))
-    with pytest.raises(InvalidRequestError, match="empty prompt"):
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
         sched.add_request(Request("e", [], 5))
-    with pytest.raises(InvalidRequestError, match="16 tokens"):
+    with pytest.raises(InvalidRequestError, match="has 16 tokens but the context holds 16"):
         sched.add_request(Request("l", list(range(16)), 5))
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         sched.add_request(Request("m", [1], 0))
