@@ -33,6 +33,8 @@ import httpx
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+from health import wait_healthy  # noqa: E402  (bench/health.py, next to this file)
+
 try:  # bench/peers.py: llama.cpp peers built by bench/setup_peers.sh (optional)
     import peers
 except ImportError:  # pragma: no cover - the peer is optional
@@ -188,18 +190,7 @@ def our_server(a: argparse.Namespace):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"miaotui serve exited {proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"miaotui serve not healthy after 600 s; see {log_path}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, log_path, timeout=600)
         yield url
     finally:
         proc.terminate()

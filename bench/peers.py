@@ -36,6 +36,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from health import wait_healthy  # bench/health.py, next to this file
+
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_TOOLS = (
     "llama-bench",
@@ -328,19 +330,7 @@ def start_llama_server(
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {proc.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not healthy after {startup_timeout}s; {log_path}")
-            time.sleep(0.5)
+        wait_healthy(url, proc, log_path, startup_timeout)
         yield url
     finally:
         proc.terminate()
