@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 
+from miaotui.config import DeviceConfig
 from miaotui.errors import InvalidRequestError
 
 DTYPES = {
@@ -19,22 +17,6 @@ DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class DeviceConfig:
-    """Where the model runs and in which floating-point type."""
-
-    device: str = "auto"
-    """"auto" (cuda if present, else cpu), "cpu" or "cuda[:n]"."""
-    dtype: str = "fp32"
-    """Activation/weight float type: "fp32", "bf16" or "fp16"."""
-    threads: int | None = None
-    """CPU intra-op threads; None keeps torch's default."""
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-
 def resolve_device(cfg: DeviceConfig) -> torch.device:
     """The torch device for `cfg.device`."""
     if cfg.device == "auto":
@@ -45,12 +27,12 @@ def resolve_device(cfg: DeviceConfig) -> torch.device:
 
 
 def resolve_dtype(cfg: DeviceConfig) -> torch.dtype:
+    """The torch dtype for `cfg.dtype`."""
     return DTYPES[cfg.dtype]
 
 
 def setup_threads(threads: int | None) -> None:
-    """Set torch's intra-op thread count once, at start-up."""
-    if threads is None:
-        threads = int(os.environ.get("MIAOTUI_THREADS", "0")) or None
-    if threads:
+    """Set torch's intra-op thread count when the user asked for a number; None leaves torch's
+    process-wide setting alone (library code never changes it behind the user's back)."""
+    if threads is not None:
         torch.set_num_threads(threads)

@@ -10,8 +10,8 @@ from typing import Any
 
 from miaotui.config import EngineConfig
 from miaotui.engine.engine import LLMEngine, RequestOutput
-from miaotui.engine.loader import build_engine
 from miaotui.engine.sampler import SampledToken
+from miaotui.loader import build_engine
 from miaotui.sampling_params import SamplingParams
 
 Message = dict[str, Any]
@@ -59,11 +59,21 @@ class GenerationResult:
 
 
 class LLM:
-    """An engine on one model. Keyword arguments are EngineConfig fields."""
+    """An engine on one model: `LLM(EngineConfig(...))`, or as a convenience
+    `LLM("model", device="cpu", max_model_len=256)` with flat keyword arguments (any field of
+    EngineConfig or of its sub-configs; see EngineConfig.from_kwargs)."""
 
-    def __init__(self, model: str | None = None, **kwargs: Any):
-        self.config = EngineConfig(model=model, **kwargs)
-        self.engine: LLMEngine = build_engine(self.config)
+    def __init__(self, model: EngineConfig | str | None = None, **kwargs: Any):
+        if isinstance(model, EngineConfig):
+            if kwargs:
+                raise TypeError(
+                    f"LLM(EngineConfig, ...) takes no keyword arguments, got {sorted(kwargs)}"
+                )
+            config = model
+        else:
+            config = EngineConfig.from_kwargs(model=model, **kwargs)
+        self.config = config
+        self.engine: LLMEngine = build_engine(config)
         self.tokenizer = self.engine.tokenizer
 
     @classmethod

@@ -301,14 +301,14 @@ def test_engine_config_checks_its_fields(case):
     with pytest.raises(InvalidRequestError, match=field):
         if "cache" in kwargs:
             kwargs["cache"] = CacheConfig(**kwargs["cache"])
-        EngineConfig(**kwargs)
+        EngineConfig.from_kwargs(**kwargs)
 
 
 def test_bad_engine_config():
     with pytest.raises(InvalidRequestError, match="weights"):
         EngineConfig(weights="int3")
     with pytest.raises(MiaotuiError, match="max_num_seqs"):
-        EngineConfig(max_num_seqs=0)
+        EngineConfig.from_kwargs(max_num_seqs=0)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------

@@ -24,40 +24,12 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from miaotui.config import SchedulerConfig
 from miaotui.engine.block_pool import BlockPool, check_invariant
 from miaotui.engine.request import Request, RequestStatus, check_prompt
 from miaotui.errors import CapacityError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 16
-    """Most requests running (holding KV blocks) at once."""
-    max_num_batched_tokens: int = 512
-    """Token budget of one step, summed over all scheduled requests."""
-    long_prefill_token_threshold: int = 256
-    """Chunk size: most tokens one request computes in one step (leaves budget to decodes)."""
-    max_waiting: int = 256
-    """Bound on queued requests; add_request raises CapacityError beyond it."""
-    max_model_len: int = 2048
-    """Most tokens (prompt + output) in one request."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "long_prefill_token_threshold",
-            "max_waiting",
-        ):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
-        if self.max_model_len < 2:
-            raise InvalidRequestError(
-                f"max_model_len must be >= 2 (a prompt token and an output token), "
-                f"got {self.max_model_len}"
-            )
 
 
 @dataclass(frozen=True)
@@ -114,6 +86,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_pool: BlockPool):
+        """`config.max_model_len` must be set (SchedulerConfig.for_model caps it at a model's
+        context)."""
+        if config.max_model_len is None:
+            raise ValueError("the scheduler needs max_model_len; use SchedulerConfig.for_model")
         needed = block_pool.num_blocks_for(config.max_model_len)
         if needed > block_pool.num_usable_blocks:
             # Otherwise a long request could not run even alone and would preempt itself forever.
@@ -274,7 +250,7 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         missing = request.num_tokens - request.num_computed_tokens
-        return min(missing, self.config.long_prefill_token_threshold, budget)
+        return min(missing, self.config.chunk_size, budget)
 
     def _preempt(self, request: Request) -> None:
         self.block_pool.free(request)

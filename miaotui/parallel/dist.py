@@ -20,82 +20,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miaotui.config import ParallelConfig
 from miaotui.errors import DistributedError, InvalidRequestError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How one engine is spread over processes (model parallel) and replicas (data parallel)."""
-
-    tensor_parallel_size: int = 1
-    """Ranks sharing every layer (heads, MLP channels, vocabulary split across them)."""
-    pipeline_parallel_size: int = 1
-    """Ranks holding contiguous layer ranges (stages)."""
-    data_parallel_size: int = 1
-    """Independent engine replicas (Ray actors) behind one endpoint."""
-    nnodes: int = 1
-    """Machines taking part; the model-parallel ranks are divided evenly among them."""
-    node_rank: int = 0
-    """This machine's index in 0..nnodes-1 (node 0 runs the driver and the HTTP server)."""
-    master_addr: str = "127.0.0.1"
-    """Address of rank 0, where all ranks meet."""
-    master_port: int = 29500
-    """TCP port of the rendezvous store on rank 0."""
-    init_timeout_s: float = 60.0
-    """How long ranks wait for each other at start-up before a DistributedError."""
-    timeout_s: float = 120.0
-    """Longest a collective of a forward pass may take before a DistributedError."""
-    idle_timeout_s: float = 7 * 24 * 3600.0
-    """Longest a worker waits for the driver's next step (the server may idle for long)."""
-    num_micro_batches: int = 0
-    """Pipeline micro-batches per step (0: one per stage)."""
-    backend: str = "auto"
-    """"auto" (nccl on CUDA, else gloo), "gloo" or "nccl"."""
-    init_method: str = "tcp"
-    """"tcp": meet at tcp://master_addr:master_port; "env": torchrun's environment (env://)."""
-
-    def __post_init__(self) -> None:
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
-            raise InvalidRequestError(
-                f"tensor_parallel_size={self.tensor_parallel_size} with "
-                f"pipeline_parallel_size={self.pipeline_parallel_size}: combining both is not "
-                "supported yet; use one of them (the other = 1)"
-            )
-        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
-            raise InvalidRequestError(
-                f"node_rank must be in 0..nnodes-1, got node_rank={self.node_rank} "
-                f"nnodes={self.nnodes}"
-            )
-        if self.world_size % self.nnodes:
-            raise InvalidRequestError(
-                f"world size {self.world_size} (tensor x pipeline parallel) does not divide "
-                f"evenly over nnodes={self.nnodes}"
-            )
-        if self.init_method not in ("tcp", "env"):
-            raise InvalidRequestError(f"init_method must be tcp or env, got {self.init_method!r}")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise InvalidRequestError(f"backend must be auto, gloo or nccl, got {self.backend!r}")
-        if min(self.init_timeout_s, self.timeout_s, self.idle_timeout_s) <= 0:
-            raise InvalidRequestError("distributed timeouts must be positive")
-
-    @property
-    def world_size(self) -> int:
-        """Model-parallel ranks of one engine."""
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
-    def nproc_per_node(self) -> int:
-        return self.world_size // self.nnodes
-
-    def node_ranks(self) -> list[int]:
-        """Global ranks that run on this node."""
-        n = self.nproc_per_node
-        return list(range(self.node_rank * n, (self.node_rank + 1) * n))
 
 
 @dataclass
