@@ -59,8 +59,8 @@ def _summary(results, wall: float, n_gen: int) -> dict:
 def _model_parallel_job(kind: str, size: int, prompts, n_gen: int, cores: int, q) -> None:
     """Runs in a fresh process: the driver (rank 0) plus spawned workers, as `miaotui serve`."""
     globals()["CORES"] = cores
-    from miaotui.engine.loader import build_engine
     from miaotui.llm import LLM
+    from miaotui.loader import build_engine
     from miaotui.parallel.dist import ParallelConfig, free_port
     from miaotui.parallel.workers import build_driver_engine, spawn_workers, stop_workers
 

@@ -57,7 +57,7 @@ CONFIGS = [
 
 def sparse_mib(config: str, fp32_weights_mib: float, block_linear_params: int) -> float | None:
     """Weights with the pruned block linears stored as bitmask + kept fp32 values."""
-    from miaotui.transforms.pipeline import PruneSpec, parse_specs
+    from miaotui.transforms.spec import PruneSpec, parse_specs
 
     try:
         specs = parse_specs(config)
@@ -74,7 +74,7 @@ def sparse_mib(config: str, fp32_weights_mib: float, block_linear_params: int) -
 
 
 def block_linear_params(model: str | None) -> int:
-    from miaotui.engine.loader import open_checkpoint
+    from miaotui.load.open import open_checkpoint
 
     c = open_checkpoint(model).config
     attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
@@ -83,7 +83,7 @@ def block_linear_params(model: str | None) -> int:
 
 
 def family(config: str) -> str:
-    from miaotui.transforms.pipeline import PruneSpec, parse_specs
+    from miaotui.transforms.spec import PruneSpec, parse_specs
 
     if config in ("fp32", "bf16", "native", "kv-int8"):
         return "fp32" if config == "fp32" else "quantized"

@@ -101,11 +101,12 @@ def quantize(name: str, a: argparse.Namespace) -> dict:
     calibration text set to the wiki tail."""
     import torch
 
-    from miaotui.engine.loader import load_tokenizer, open_checkpoint
+    from miaotui.load.open import load_tokenizer, open_checkpoint
     from miaotui.model.build import build_model
     from miaotui.transforms.calibrate import CalibrationConfig
     from miaotui.transforms.checkpoint import save_transformed
-    from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
+    from miaotui.transforms.pipeline import apply_transforms
+    from miaotui.transforms.spec import TransformContext, parse_specs
 
     out = a.out / "ckpt" / name
     if (out / "miaotui.json").is_file() and not a.force:

@@ -63,7 +63,7 @@ def free_port() -> int:
 def prompt_windows(gguf: str | None, n_prompt: int, count: int) -> list[list[int]]:
     """`count` distinct windows of exactly n_prompt token ids of English text (our tokenizer,
     which is the GGUF's vocabulary, so llama-server reads the same tokens)."""
-    from miaotui.engine.loader import load_tokenizer, open_checkpoint
+    from miaotui.load.open import load_tokenizer, open_checkpoint
 
     tok = load_tokenizer(open_checkpoint(gguf))
     text_file = peers.default_text_file() if peers else None

@@ -36,8 +36,8 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from miaotui.kernels.sparse import csr_nbytes, sparse_linear, to_csr  # noqa: E402
 from miaotui.transforms.prune_math import apply_mask, unstructured_mask  # noqa: E402
-from miaotui.transforms.sparse import csr_nbytes, sparse_linear, to_csr  # noqa: E402
 
 SHAPES = [(576, 1536), (1536, 576), (576, 576)]
 BATCHES = [1, 16, 512]

@@ -1,7 +1,9 @@
-"""Command line: miaotui generate | chat | info | serve | eval | bench | compare | quantize | prune.
+"""Command line: miaotui generate | chat | info | quantize | prune | serve | eval | bench | compare.
 
 The CLI only turns arguments into configs and calls the library; a MiaotuiError becomes one line
-on stderr and exit code 2."""
+on stderr and exit code 2. Every subcommand is registered here, statically: serve lives in
+server/cli.py, eval, bench and compare in eval/cli.py. Heavy libraries (uvicorn, the transforms)
+are imported by the command that runs, so `miaotui generate` never loads them."""
 
 from __future__ import annotations
 
@@ -10,84 +12,12 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
-from miaotui.config import CacheConfig, EngineConfig
+from miaotui.cli_args import add_engine_args, add_sampling_args, engine_config, sampling_params
 from miaotui.errors import MiaotuiError
-from miaotui.sampling_params import SamplingParams
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="GGUF path, HF directory or short name (default: smollm2-135m)",
-    )
-    p.add_argument(
-        "--weights",
-        choices=["native", "float"],
-        default="native",
-        help="native: quantized GGUF weights run on integer kernels; float: decode all",
-    )
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
-    p.add_argument("--kv-cache-gib", type=float, default=0.5)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument(
-        "--transforms",
-        "-t",
-        default="",
-        help="quantize/prune at load, e.g. int4-gptq-g64 or prune-wanda-0.5+int8",
-    )
-
-
-def engine_config(a: argparse.Namespace, progress: bool = True) -> EngineConfig:
-    return EngineConfig(
-        model=a.model,
-        weights=a.weights,
-        dtype=a.dtype,
-        device=a.device,
-        threads=a.threads,
-        max_model_len=a.max_model_len,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens,
-        transforms=a.transforms,
-        cache=CacheConfig(
-            kv_dtype=a.kv_cache_dtype,
-            memory_gib=a.kv_cache_gib,
-            enable_prefix_caching=not a.no_prefix_caching,
-        ),
-        progress=progress and sys.stderr.isatty(),
-    )
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_params(a: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=a.max_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        stop=tuple(a.stop),
-    )
+from miaotui.eval import cli as eval_cli
+from miaotui.server import cli as server_cli
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -151,7 +81,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from miaotui.engine.loader import open_checkpoint
+    from miaotui.load.open import open_checkpoint
 
     ckpt = open_checkpoint(a.model_path or a.model)
     c = ckpt.config
@@ -178,6 +108,75 @@ def cmd_info(a: argparse.Namespace) -> None:
         return
     for k, v in info.items():
         print(f"{k:18} {v}")
+
+
+def quant_spec_text(a: argparse.Namespace) -> str:
+    if a.method == "smoothquant":
+        return "w8a8-smooth"
+    group = a.group_size or (32 if a.bits == 4 else None)
+    if a.bits == 8 and a.method == "rtn" and group is None:
+        return "int8"
+    text = f"int{a.bits}-{a.method}" + (f"-g{group}" if group else "")
+    return text + ("-asym" if a.asym else "")
+
+
+def prune_spec_text(a: argparse.Namespace) -> str:
+    return f"prune-{a.method}-{a.sparsity}" + ("-norecover" if a.no_recover else "")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    _transform_and_save(a, quant_spec_text(a))
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    _transform_and_save(a, prune_spec_text(a))
+
+
+def _transform_and_save(a: argparse.Namespace, spec: str) -> None:
+    """Load a model, apply transforms, save a checkpoint (safetensors + miaotui.json) that
+    loads back with `--model OUT`."""
+    import torch
+
+    from miaotui.load.open import load_tokenizer, open_checkpoint
+    from miaotui.model.build import build_model
+    from miaotui.transforms.checkpoint import save_transformed
+    from miaotui.transforms.pipeline import apply_transforms
+    from miaotui.transforms.spec import TransformContext, parse_specs
+
+    specs_text = spec + (f"+{a.then}" if a.then else "")
+    specs = parse_specs(specs_text)
+    ckpt = open_checkpoint(a.model_path)
+    tokenizer = load_tokenizer(ckpt)
+    progress = sys.stderr.isatty()
+    model = build_model(ckpt, torch.device("cpu"), torch.float32, progress=progress)
+    model = apply_transforms(model, specs, TransformContext(tokenizer, progress=progress))
+    save_transformed(model, ckpt, a.output, specs_text)
+    print(f"miaotui: wrote {a.output} ({specs_text})", file=sys.stderr)
+
+
+def _add_transform_commands(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize weights (rtn, gptq, awq, smoothquant)")
+    p.add_argument("model_path", nargs="?", default=None)
+    p.add_argument("--method", choices=["rtn", "gptq", "awq", "smoothquant"], default="rtn")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--group-size", type=int, default=None, help="default: 32 (int4), row (int8)")
+    p.add_argument("--asym", action="store_true", help="asymmetric int4 (scale + offset)")
+    p.add_argument("--then", default="", help="more transforms after this one (spec string)")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="prune weights, N:M, layers, heads or MLP channels")
+    p.add_argument("model_path", nargs="?", default=None)
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=["magnitude", "wanda", "sparsegpt", "layers", "heads", "channels"],
+    )
+    p.add_argument("--sparsity", default="0.5", help="fraction removed, or N:M such as 2:4")
+    p.add_argument("--no-recover", action="store_true", help="structured: skip least squares")
+    p.add_argument("--then", default="", help="e.g. int4-rtn-g32 to quantize after pruning")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.set_defaults(func=cmd_prune)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -213,26 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    for register in _extra_commands():
-        register(sub)
+    _add_transform_commands(sub)
+    server_cli.register(sub)
+    eval_cli.register(sub)
     return parser
-
-
-def _extra_commands():
-    """Subcommands living next to their capability (server, eval, transforms)."""
-    found = []
-    for mod in (
-        "miaotui.server.cli",
-        "miaotui.eval.cli",
-        "miaotui.transforms.cli",
-        "miaotui.parallel.cli",
-    ):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ImportError:
-            continue
-        found.append(module.register)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from miaotui.cli_args import add_engine_args, engine_config
+
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MC_TASKS = ("social_iqa", "strategyqa", "truthful_qa_mc")
 
 
 def register(sub) -> None:
-    from miaotui.cli import add_engine_args
-
     p = sub.add_parser("eval", help="perplexity, multiple-choice accuracy, extractive QA")
     add_engine_args(p)
     p.add_argument("--data", type=Path, default=DATA, help="folder with text/ and tasks/")
@@ -58,7 +58,6 @@ def register(sub) -> None:
 
 
 def _llm(a: argparse.Namespace):
-    from miaotui.cli import engine_config
     from miaotui.llm import LLM
 
     cfg = engine_config(a)
@@ -139,7 +138,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
     from miaotui.eval.report import write_report
 
     rows = []
-    base = [sys.executable, "-m", "miaotui.cli"]
+    base = [sys.executable, "-m", "miaotui"]
     tmp = a.out / "runs"
     for item in [c.strip() for c in a.configs.split(",") if c.strip()]:
         name, _, target = item.partition("=")  # LABEL=DIR: a saved checkpoint

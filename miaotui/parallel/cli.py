@@ -1,6 +1,6 @@
-"""Parallel flags of `miaotui serve`: model-parallel ranks on one or many machines (or under
-torchrun), data-parallel replicas on Ray. Flags and torchrun's environment become a
-ParallelConfig here and nowhere else."""
+"""`miaotui serve` with the parallel flags (declared in server/cli.py): model-parallel ranks on one
+or many machines (or under torchrun), data-parallel replicas on Ray. Flags and torchrun's
+environment become a ParallelConfig here and nowhere else."""
 
 from __future__ import annotations
 
@@ -10,44 +10,13 @@ import logging
 import os
 import sys
 
+from miaotui.cli_args import engine_config
 from miaotui.config import EngineConfig
 from miaotui.errors import InvalidRequestError
 from miaotui.parallel.dist import ParallelConfig
 
 log = logging.getLogger(__name__)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def register(sub) -> None:
-    """Add the parallel flags to `serve` (registered by miaotui.server.cli)."""
-    serve = sub.choices.get("serve")
-    if serve is None:
-        return
-    g = serve.add_argument_group("parallel")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="Ray replicas")
-    g.add_argument("--nnodes", type=int, default=1, help="machines running model-parallel ranks")
-    g.add_argument("--node-rank", type=int, default=0, help="this machine's index (0: driver)")
-    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    g.add_argument("--master-port", type=int, default=29500)
-    g.add_argument("--dist-init-timeout", type=float, default=60.0, help="s for ranks to meet")
-    g.add_argument("--dist-timeout", type=float, default=120.0, help="s per collective")
-    g.add_argument("--num-micro-batches", type=int, default=0, help="pipeline micro-batches")
-    g.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
-    serve.set_defaults(func=_dispatch(serve.get_default("func")))
-
-
-def _dispatch(plain_serve):
-    def cmd(a: argparse.Namespace) -> None:
-        par = parallel_config(a, os.environ)
-        if par.data_parallel_size > 1:
-            return serve_data_parallel(a, par)
-        if par.world_size > 1:
-            return serve_model_parallel(a, par, torchrun_rank(os.environ))
-        return plain_serve(a)
-
-    return cmd
 
 
 def torchrun_rank(env) -> int | None:
@@ -94,8 +63,6 @@ def parallel_config(a: argparse.Namespace, env) -> ParallelConfig:
 
 
 def _engine_config(a: argparse.Namespace, ranks_here: int) -> EngineConfig:
-    from miaotui.cli import engine_config
-
     cfg = dataclasses.replace(engine_config(a), max_waiting=a.max_waiting)
     if cfg.threads is None and ranks_here > 1:  # ranks of one machine share its cores
         cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // ranks_here))

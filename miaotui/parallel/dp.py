@@ -59,7 +59,7 @@ class EngineReplica:
 
     def __init__(self, cfg: EngineConfig, model_name: str, index: int):
         from miaotui.engine.async_engine import AsyncEngine
-        from miaotui.engine.loader import build_engine
+        from miaotui.loader import build_engine
 
         self.index = index
         self.engine = AsyncEngine(build_engine(cfg), model_name)
@@ -138,7 +138,7 @@ class ReplicaRouter:
     ):
         import ray
 
-        from miaotui.engine.loader import load_tokenizer, open_checkpoint
+        from miaotui.load.open import load_tokenizer, open_checkpoint
 
         ckpt = open_checkpoint(cfg.model)
         self.tokenizer = load_tokenizer(ckpt)

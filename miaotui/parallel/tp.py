@@ -34,10 +34,9 @@ from miaotui.device import DeviceConfig, resolve_device, resolve_dtype
 from miaotui.errors import InvalidRequestError
 from miaotui.load.checkpoint import Checkpoint, TensorSource
 from miaotui.model.build import build_model
+from miaotui.model.quant_linear import QuantEmbedding
 from miaotui.model.transformer import Transformer
 from miaotui.parallel.dist import Comm
-from miaotui.transforms.native import LINEAR_SUFFIXES, pack_tensor
-from miaotui.transforms.quant_linear import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -279,37 +278,12 @@ def build_from_sources(
     drop: frozenset[str] = frozenset(),
 ) -> Transformer:
     """A Transformer of `config` whose parameters come from `sources` (sliced or renamed
-    checkpoint tensors), packed natively like `transforms.native` when `cfg.weights` says so.
+    checkpoint tensors), built by the one model builder (model/build.py) as `cfg.weights` says.
     Parameters named in `drop` are not loaded (left on the meta device for the caller)."""
     device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
     device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
     view = dataclasses.replace(ckpt, config=config, tensors=sources)
-    packed = {}
-    if cfg.weights == "native":
-        for name in sources:
-            if name not in drop and _packable(name):
-                p = pack_tensor(view, name)
-                if p is not None:
-                    packed[name] = p
-    model = build_model(view, device, dtype, progress=cfg.progress, skip=frozenset(packed) | drop)
-    for name, p in packed.items():  # as transforms.native.build_native_model does
-        module_name = name.removesuffix(".weight")
-        if module_name == "tok_embeddings":
-            model.tok_embeddings = QuantEmbedding(p, dtype)
-            if config.tie_embeddings:
-                model.output = QuantLinear(p)
-            continue
-        parent, _, attr = module_name.rpartition(".")
-        bias = getattr(model.get_submodule(module_name), "bias", None)
-        setattr(model.get_submodule(parent), attr, QuantLinear(p, bias))
-    return model
-
-
-def _packable(name: str) -> bool:
-    if name in ("tok_embeddings.weight", "output.weight"):
-        return True
-    parts = name.split(".")
-    return name.endswith(".weight") and len(parts) >= 2 and parts[-2] in LINEAR_SUFFIXES
+    return build_model(view, device, dtype, cfg.weights, progress=cfg.progress, drop=drop)
 
 
 def build_tp_model(ckpt: Checkpoint, cfg: EngineConfig, comm: Comm) -> Transformer:

@@ -22,11 +22,11 @@ import torch
 from miaotui.config import EngineConfig
 from miaotui.device import DeviceConfig, resolve_device, resolve_dtype, setup_threads
 from miaotui.engine.engine import LLMEngine
-from miaotui.engine.loader import load_tokenizer, open_checkpoint
 from miaotui.engine.runner import ModelInput, ModelRunner, num_cache_blocks
 from miaotui.engine.scheduler import SchedulerConfig, SchedulerOutput
 from miaotui.errors import DistributedError, InvalidRequestError, MiaotuiError
 from miaotui.load.checkpoint import Checkpoint
+from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.parallel.dist import Comm, ParallelConfig, init_distributed
 from miaotui.parallel.pp import PipelineInput, PipelineRunner, build_stage_model, stage_layers
 from miaotui.parallel.tp import build_tp_model, make_shard_plan

@@ -1,18 +1,20 @@
-"""`miaotui serve`: the OpenAI-compatible server on one engine (or on replicas / model-parallel
-ranks when the parallel flags are given)."""
+"""`miaotui serve`: the OpenAI-compatible server on one engine, on model-parallel ranks
+(-tp / -pp, on one or many machines or under torchrun) or on data-parallel replicas (-dp, Ray).
+All of serve's flags are declared here; parallel/cli.py turns the parallel ones into a
+ParallelConfig and runs the ranks or replicas."""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
+import os
 import sys
 
-log = logging.getLogger(__name__)
+from miaotui.cli_args import add_engine_args, engine_config
+from miaotui.parallel import cli as parallel_cli
 
 
 def register(sub) -> None:
-    from miaotui.cli import add_engine_args
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -25,17 +27,36 @@ def register(sub) -> None:
         default=256,
         help="queue bound; beyond it requests get 429 + Retry-After",
     )
+    g = p.add_argument_group("parallel")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="Ray replicas")
+    g.add_argument("--nnodes", type=int, default=1, help="machines running model-parallel ranks")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index (0: driver)")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    g.add_argument("--master-port", type=int, default=29500)
+    g.add_argument("--dist-init-timeout", type=float, default=60.0, help="s for ranks to meet")
+    g.add_argument("--dist-timeout", type=float, default=120.0, help="s per collective")
+    g.add_argument("--num-micro-batches", type=int, default=0, help="pipeline micro-batches")
+    g.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import dataclasses
+    par = parallel_cli.parallel_config(a, os.environ)
+    if par.data_parallel_size > 1:
+        return parallel_cli.serve_data_parallel(a, par)
+    if par.world_size > 1:
+        return parallel_cli.serve_model_parallel(a, par, parallel_cli.torchrun_rank(os.environ))
+    return serve_one(a)
 
+
+def serve_one(a: argparse.Namespace) -> None:
+    """One engine in this process."""
     import uvicorn
 
-    from miaotui.cli import engine_config
     from miaotui.engine.async_engine import AsyncEngine
-    from miaotui.engine.loader import build_engine
+    from miaotui.loader import build_engine
     from miaotui.server.openai import ServerConfig, create_app
 
     cfg = dataclasses.replace(engine_config(a), max_waiting=a.max_waiting)

@@ -12,7 +12,7 @@ quantizer applied next ("prune-wanda-0.5+int4-rtn-g32") quantizes the pruned mat
 Wanda and SparseGPT calibrate sequentially, as both papers do: block i is calibrated on the
 hidden states produced by the already pruned blocks 0..i-1, then pruned. A layer that ends up at
 least `SPARSE_MIN_SPARSITY` sparse is swapped for a CSR `SparseLinear`; below the measured
-crossover it stays dense (see sparse_linear.py).
+crossover it stays dense (see `SPARSE_MIN_SPARSITY`).
 
 Structured (shapes shrink; the config is replaced to match, so the engine sizes its KV cache
 from it and a checkpoint of the result reloads as an ordinary smaller model):
@@ -47,6 +47,7 @@ from torch import nn
 from miaotui.errors import InvalidRequestError, UnsupportedModelError
 from miaotui.model.attention import AttentionMetadata, build_attention_metadata
 from miaotui.model.kv_cache import KVCache
+from miaotui.model.sparse_linear import SparseLinear
 from miaotui.model.transformer import Transformer
 from miaotui.transforms import structured as st
 from miaotui.transforms.calibrate import (
@@ -56,7 +57,6 @@ from miaotui.transforms.calibrate import (
     calibrate,
     calibration_windows,
 )
-from miaotui.transforms.pipeline import PruneSpec, TransformContext
 from miaotui.transforms.prune_math import (
     apply_mask,
     magnitude_scores,
@@ -64,8 +64,8 @@ from miaotui.transforms.prune_math import (
     unstructured_mask,
     wanda_scores,
 )
-from miaotui.transforms.sparse_linear import SPARSE_MIN_SPARSITY, SparseLinear, weight_sparsity
 from miaotui.transforms.sparsegpt import sparsegpt_prune
+from miaotui.transforms.spec import PruneSpec, TransformContext
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,13 @@ UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED = ("layers", "heads", "channels")
 BLOCK = 16
 """KV-cache block size of the calibration forward passes."""
+# Measured by bench/bench_sparse.py on this CPU, SmolLM2 shapes, fp32: CSR x dense beats dense
+# `torch.mm` only from ~91 % sparsity at N=1 (decode; 95 % is the lowest tested point that wins),
+# from ~69 % at N=16 and ~81 % at N=512. Decode has the highest crossover, so a layer goes sparse
+# from 0.92 on: there it wins at every batch size measured, and below it every layer stays a
+# dense nn.Linear (zeros included) -- 25 %, 50 % and 2:4 stay dense.
+SPARSE_MIN_SPARSITY = 0.92
+"""Fraction of zero weights from which a layer runs on the CSR kernel (decode crossover)."""
 RECOVERY_DAMP = 0.5
 """Ridge of the least-squares recovery, relative to mean(diag(G_kk)). The numerics' default
 (1e-3) overfits 4096 calibration tokens when ~1200 weights per output row are refit: on
@@ -217,6 +224,11 @@ def _embed_windows(model: Transformer, seqs: list[list[int]]) -> list[_Window]:
         rope[True] = model.rotary_local(meta.positions) if model.rotary_local else rope[False]
         out.append(_Window(x, rope, meta))
     return out
+
+
+def weight_sparsity(w: torch.Tensor) -> float:
+    """Fraction of exactly-zero entries of `w`."""
+    return float((w == 0).sum()) / max(w.numel(), 1)
 
 
 def sparsify_model(model: Transformer, min_sparsity: float = SPARSE_MIN_SPARSITY) -> int:

@@ -29,15 +29,14 @@ from torch import nn
 
 from miaotui.errors import InvalidRequestError
 from miaotui.kernels import pack_int4, pack_int8
+from miaotui.model.quant_linear import QuantEmbedding, QuantLinear, W8A8Linear
 from miaotui.model.transformer import Block, Transformer
 from miaotui.transforms.awq import awq_search_clip, awq_search_scale
 from miaotui.transforms.calibrate import LinearStats, calibration_windows
 from miaotui.transforms.gptq import gptq_quantize
-from miaotui.transforms.pipeline import QuantSpec, TransformContext
-from miaotui.transforms.quant_linear import QuantEmbedding, QuantLinear
 from miaotui.transforms.quant_math import quantize_int8, quantize_weight, split_groups
 from miaotui.transforms.smoothquant import smooth_scales
-from miaotui.transforms.w8a8 import W8A8Linear
+from miaotui.transforms.spec import QuantSpec, TransformContext
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from miaotui import LLM, CacheConfig, Completion, EngineConfig, GenerationResult, SamplingParams
-from miaotui.engine.loader import engine_for_model
+from miaotui.loader import engine_for_model
 from tests import helpers
 from tests.helpers import default_model_path
 

@@ -18,8 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from miaotui.config import CacheConfig, EngineConfig, ModelConfig
 from miaotui.engine.async_engine import AsyncEngine
-from miaotui.engine.loader import engine_for_model
 from miaotui.llm import LLM
+from miaotui.loader import engine_for_model
 from miaotui.model.transformer import Transformer
 from miaotui.sampling_params import SamplingParams
 from miaotui.tokenizer import TextTokenizer, TokenizerInfo

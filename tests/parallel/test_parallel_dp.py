@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from miaotui.config import CacheConfig, EngineConfig
-from miaotui.engine.loader import build_engine
 from miaotui.llm import LLM
+from miaotui.loader import build_engine
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.openai import ServerConfig, create_app
 from tests.parallel.test_parallel_model import write_tiny_gguf

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from miaotui.config import CacheConfig, EngineConfig
-from miaotui.engine.loader import build_engine, open_checkpoint
 from miaotui.errors import DistributedError, InvalidRequestError
+from miaotui.load.open import open_checkpoint
+from miaotui.loader import build_engine
 from miaotui.parallel.dist import ParallelConfig, free_port, init_distributed
 from tests.helpers import _add_tensor, _gguf_name, _permute, _rope_theta, hf_model
 

@@ -502,7 +502,7 @@ def inprocess_server(stack: Stack, execute_hook=None, **engine_kw) -> Iterator[s
     import uvicorn
 
     from miaotui.engine.async_engine import AsyncEngine
-    from miaotui.engine.loader import engine_for_model
+    from miaotui.loader import engine_for_model
     from miaotui.server.openai import ServerConfig, create_app
 
     model, tok = stack.llm.engine.runner.model, stack.llm.tokenizer

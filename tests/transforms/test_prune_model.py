@@ -15,19 +15,14 @@ from miaotui.config import CacheConfig, EngineConfig, ModelConfig
 from miaotui.errors import InvalidRequestError
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.kv_cache import KVCache
+from miaotui.model.sparse_linear import SparseLinear
 from miaotui.model.standalone import forward_sequences
 from miaotui.model.transformer import Transformer
 from miaotui.transforms.calibrate import CalibrationConfig
 from miaotui.transforms.checkpoint import save_transformed
-from miaotui.transforms.pipeline import (
-    PruneSpec,
-    TransformContext,
-    apply_transforms,
-    parse_spec,
-    parse_specs,
-)
+from miaotui.transforms.pipeline import apply_transforms
 from miaotui.transforms.prune import head_plan, prune_model, sparsify_model
-from miaotui.transforms.sparse_linear import SparseLinear
+from miaotui.transforms.spec import PruneSpec, TransformContext, parse_spec, parse_specs
 from tests.helpers import SHARED
 
 VOCAB = 128
@@ -57,7 +52,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tokenizer():
     """Any real tokenizer will do for the engine (prompts are token ids): the default model's."""
-    from miaotui.engine.loader import load_tokenizer, open_checkpoint
+    from miaotui.load.open import load_tokenizer, open_checkpoint
 
     return load_tokenizer(open_checkpoint(None))
 
@@ -153,11 +148,12 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_logits():
 def save_and_reload(model: Transformer, out: Path, specs: str) -> Transformer:
     """Through transforms/checkpoint.py, as `miaotui prune -o OUT` and `--model OUT` do."""
     from miaotui.load.checkpoint import Checkpoint
-    from miaotui.transforms.checkpoint import build_transformed_model, read_transformed
+    from miaotui.load.transformed import read_transformed
+    from miaotui.model.build import build_model
 
     src = Checkpoint(model.config, {}, out.parent / "tiny.gguf", 0, tokenizer_source={})
     save_transformed(model, src, out, specs)
-    return build_transformed_model(read_transformed(out))
+    return build_model(read_transformed(out), torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("spec", ["prune-wanda-0.5", "prune-sparsegpt-2:4"])
@@ -239,8 +235,8 @@ def matching_rows(orig: torch.Tensor, new: torch.Tensor, width: int = 1) -> list
 
 
 def run_engine(model: Transformer, tok, prompt: list[int], n: int = 6) -> list[int]:
-    from miaotui.engine.loader import engine_for_model
     from miaotui.llm import LLM
+    from miaotui.loader import engine_for_model
     from miaotui.sampling_params import SamplingParams
 
     cfg = EngineConfig(device="cpu", max_model_len=256, cache=CacheConfig(num_blocks=32))
@@ -353,7 +349,7 @@ def test_bad_specs():
 
 def test_prune_then_quantize_keeps_zeros():
     pytest.importorskip("miaotui.transforms.quantize")
-    from miaotui.transforms.quant_linear import QuantLinear
+    from miaotui.model.quant_linear import QuantLinear
 
     model = apply_transforms(tiny_model(), parse_specs("prune-wanda-0.5+int4-rtn-g32"), CTX)
     quant = {

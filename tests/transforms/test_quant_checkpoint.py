@@ -20,7 +20,8 @@ from miaotui.model.build import build_model
 from miaotui.model.standalone import forward_sequences
 from miaotui.transforms.calibrate import CalibrationConfig
 from miaotui.transforms.checkpoint import load_transformed, save_transformed
-from miaotui.transforms.pipeline import TransformContext, apply_transforms, parse_specs
+from miaotui.transforms.pipeline import apply_transforms
+from miaotui.transforms.spec import TransformContext, parse_specs
 from tests.helpers import hf_model, save_hf_dir
 
 IDS = [list(range(5, 45)), list(range(60, 71))]
@@ -175,8 +176,8 @@ def test_llm_and_cli_load_a_saved_checkpoint(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_gguf_tokenizer_survives_the_round_trip(tmp_path, smollm_path):
     """A GGUF source's tokenizer is stored as its metadata and rebuilt identically."""
-    from miaotui.engine.loader import load_tokenizer
     from miaotui.load.gguf_file import read_gguf
+    from miaotui.load.open import load_tokenizer
 
     real = read_gguf(smollm_path)
     ckpt, model = transformed(save_hf_dir(hf_model("llama"), tmp_path / "hf"), "int8")

@@ -16,13 +16,12 @@ from miaotui.load.hf_dir import read_hf_dir
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.build import build_model
 from miaotui.model.kv_cache import Int8KVCache, KVCache, kv_bytes_per_token
+from miaotui.model.quant_linear import QuantEmbedding, QuantLinear, W8A8Linear
 from miaotui.model.standalone import forward_sequences
 from miaotui.transforms.calibrate import CalibrationConfig
-from miaotui.transforms.pipeline import TransformContext, parse_spec
-from miaotui.transforms.quant_linear import QuantEmbedding, QuantLinear
 from miaotui.transforms.quant_math import quantize_int8, quantize_per_token_int8
 from miaotui.transforms.quantize import BLOCK_LINEARS, quantize_model
-from miaotui.transforms.w8a8 import W8A8Linear
+from miaotui.transforms.spec import TransformContext, parse_spec
 from tests.helpers import SHARED, hf_model, save_hf_dir
 
 # Relative Frobenius error of the logits of a 48-token sequence against the float model:
@@ -150,7 +149,7 @@ def test_calibrated_methods_beat_rtn_on_tiny_models(tiny, method):
 
 def test_bad_specs_raise():
     from miaotui.errors import InvalidRequestError
-    from miaotui.transforms.pipeline import QuantSpec
+    from miaotui.transforms.spec import QuantSpec
 
     cfg_model = torch.nn.Module()
     with pytest.raises(InvalidRequestError, match="bits=3"):
@@ -166,8 +165,8 @@ def test_bad_specs_raise():
 def test_gptq_and_awq_beat_rtn_on_real_layers(smollm_path):
     """Int4 group 64 on SmolLM2's first two blocks, calibrated on the novel, measured on held-out
     wiki text: the hidden-state error of GPTQ and of AWQ is below that of RTN."""
-    from miaotui.engine.loader import load_tokenizer
     from miaotui.load.gguf_file import read_gguf
+    from miaotui.load.open import load_tokenizer
 
     ckpt = read_gguf(smollm_path)
     ckpt.config = dataclasses.replace(ckpt.config, n_layers=2)

@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miaotui.transforms.prune_math import apply_mask, nm_mask, unstructured_mask
-from miaotui.transforms.sparse import (
+from miaotui.kernels.sparse import (
     BitmaskSparse,
     compress,
     csr_nbytes,
@@ -19,6 +18,7 @@ from miaotui.transforms.sparse import (
     to_csr,
     unpack_bits,
 )
+from miaotui.transforms.prune_math import apply_mask, nm_mask, unstructured_mask
 
 FAST = settings(max_examples=40, deadline=None)
 

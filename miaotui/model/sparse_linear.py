@@ -1,13 +1,6 @@
 """A stand-in for nn.Linear whose weight is stored compressed (CSR) and run by the sparse kernel
-of `transforms/sparse.py`. Pruning swaps it in only where it is faster than dense; model code
-never asks `if sparse`.
-
-Rule (measured by bench/bench_sparse.py on this CPU, SmolLM2 shapes, fp32): CSR x dense beats
-dense `torch.mm` only from ~91 % sparsity at N=1 (decode; 95 % is the lowest tested point that
-wins), from ~69 % at N=16 and ~81 % at N=512. Decode has the highest crossover, so a layer goes
-sparse from `SPARSE_MIN_SPARSITY = 0.92` on: there it wins at every batch size measured, and
-below it every layer stays a dense nn.Linear (zeros included) -- 25 %, 50 % and 2:4 stay dense.
-"""
+of `kernels/sparse.py`. Pruning (transforms/prune.py) swaps it in only where it is faster than
+dense; model code never asks `if sparse`."""
 
 from __future__ import annotations
 
@@ -16,15 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from miaotui.transforms.sparse import sparse_linear, to_csr
-
-SPARSE_MIN_SPARSITY = 0.92
-"""Fraction of zero weights from which a layer runs on the CSR kernel (decode crossover)."""
-
-
-def weight_sparsity(w: torch.Tensor) -> float:
-    """Fraction of exactly-zero entries of `w`."""
-    return float((w == 0).sum()) / max(w.numel(), 1)
+from miaotui.kernels.sparse import sparse_linear, to_csr
 
 
 class SparseLinear(nn.Module):

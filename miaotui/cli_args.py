@@ -1,0 +1,84 @@
+"""Command-line flags shared by several subcommands, and their translation into configs. Every
+subcommand module (cli.py, server/cli.py, eval/cli.py) declares its flags with these."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from miaotui.config import CacheConfig, EngineConfig
+from miaotui.sampling_params import SamplingParams
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="GGUF path, HF directory or short name (default: smollm2-135m)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["native", "float"],
+        default="native",
+        help="native: quantized GGUF weights run on integer kernels; float: decode all",
+    )
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    p.add_argument("--kv-cache-gib", type=float, default=0.5)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--transforms",
+        "-t",
+        default="",
+        help="quantize/prune at load, e.g. int4-gptq-g64 or prune-wanda-0.5+int8",
+    )
+
+
+def engine_config(a: argparse.Namespace, progress: bool = True) -> EngineConfig:
+    return EngineConfig(
+        model=a.model,
+        weights=a.weights,
+        dtype=a.dtype,
+        device=a.device,
+        threads=a.threads,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        transforms=a.transforms,
+        cache=CacheConfig(
+            kv_dtype=a.kv_cache_dtype,
+            memory_gib=a.kv_cache_gib,
+            enable_prefix_caching=not a.no_prefix_caching,
+        ),
+        progress=progress and sys.stderr.isatty(),
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=tuple(a.stop),
+    )

@@ -1,0 +1,33 @@
+"""A model name -> an opened Checkpoint (GGUF file, HF directory or saved transformed
+checkpoint) and its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from miaotui.errors import ModelFormatError
+from miaotui.load.checkpoint import Checkpoint
+from miaotui.load.gguf_file import read_gguf
+from miaotui.load.hf_dir import read_hf_dir
+from miaotui.load.resolve import resolve_model
+from miaotui.load.transformed import is_transformed_dir, read_transformed
+from miaotui.tokenizer import TextTokenizer
+
+
+def open_checkpoint(name: str | None) -> Checkpoint:
+    """Open a model by GGUF path, HF directory or short name."""
+    path = resolve_model(name)
+    if is_transformed_dir(path):
+        return read_transformed(path)  # written by `miaotui quantize` / `miaotui prune`
+    if path.is_dir():
+        return read_hf_dir(path)
+    if path.stat().st_size < 8:
+        raise ModelFormatError(f"{path} is too small to be a model file")
+    return read_gguf(path)
+
+
+def load_tokenizer(ckpt: Checkpoint) -> TextTokenizer:
+    """The checkpoint's tokenizer: from its HF directory or its GGUF metadata."""
+    if isinstance(ckpt.tokenizer_source, Path):
+        return TextTokenizer.from_hf_dir(ckpt.tokenizer_source)
+    return TextTokenizer.from_gguf_metadata(ckpt.tokenizer_source)

@@ -1,0 +1,69 @@
+"""EngineConfig -> a running LLMEngine, the serving pipeline in one place:
+
+    open (load/open.py) -> build (model/build.py) -> load-time transforms, only when asked
+    (transforms/, imported then and only then) -> size the KV cache, wire scheduler and runner
+
+Tensor- and pipeline-parallel ranks build their slice in parallel/workers.py with the same
+builder."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from miaotui.config import EngineConfig
+from miaotui.device import DeviceConfig, resolve_device, resolve_dtype, setup_threads
+from miaotui.engine.engine import LLMEngine
+from miaotui.engine.runner import ModelRunner, num_cache_blocks
+from miaotui.engine.scheduler import SchedulerConfig
+from miaotui.load.checkpoint import Checkpoint
+from miaotui.load.open import load_tokenizer, open_checkpoint
+from miaotui.model.build import build_model
+from miaotui.model.transformer import Transformer
+from miaotui.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg: EngineConfig) -> LLMEngine:
+    t0 = time.perf_counter()
+    setup_threads(cfg.threads)
+    ckpt = open_checkpoint(cfg.model)
+    tokenizer = load_tokenizer(ckpt)
+    model = load_model(ckpt, cfg, tokenizer)
+    engine = engine_for_model(model, tokenizer, cfg)
+    log.info("loaded %s in %.2f s", ckpt.path.name, time.perf_counter() - t0)
+    return engine
+
+
+def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) -> Transformer:
+    """The model `cfg` asks for: built from `ckpt`, then `cfg.transforms` applied. Transforms
+    need float weights: they apply to a float build, or to the float modules of a saved
+    transformed checkpoint."""
+    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
+    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    if not cfg.transforms:
+        return build_model(ckpt, device, dtype, cfg.weights, progress=cfg.progress)
+    from miaotui.transforms.pipeline import apply_transforms
+    from miaotui.transforms.spec import TransformContext, parse_specs
+
+    specs = parse_specs(cfg.transforms)  # fail fast on a bad spec, before loading
+    model = build_model(ckpt, device, dtype, "float", progress=cfg.progress)
+    return apply_transforms(model, specs, TransformContext(tokenizer, progress=cfg.progress))
+
+
+def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineConfig) -> LLMEngine:
+    """Engine around an already built (possibly transformed) model."""
+    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
+    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    max_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+    num_blocks = num_cache_blocks(model, cfg.cache, dtype)
+    runner = ModelRunner(model, cfg.cache, num_blocks, device, dtype)
+    sched = SchedulerConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        long_prefill_token_threshold=cfg.max_num_batched_tokens,
+        max_waiting=cfg.max_waiting,
+        max_model_len=max_len,
+    )
+    return LLMEngine(runner, tokenizer, num_blocks, cfg.cache, sched)
