@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test lint format bench
+.PHONY: setup run test test-reverse lint format bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
@@ -16,6 +16,10 @@ test: setup
 	$(VENV)/bin/ruff check miaotui tests bench
 	$(VENV)/bin/ruff format --check miaotui tests bench
 	$(PY) -m pytest -q
+
+# The same tests in reverse order: no test may depend on another having run first.
+test-reverse: setup
+	$(PY) -m pytest -q --reverse
 
 format: setup
 	$(VENV)/bin/ruff check --fix miaotui tests bench

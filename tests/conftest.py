@@ -1,14 +1,89 @@
-"""Shared fixtures; the helpers they use live in tests/helpers.py."""
+"""Shared fixtures; the helpers they use live in tests/helpers.py (test modules never import each
+other). A module that runs tiny models opts into one thread with
+`pytestmark = pytest.mark.usefixtures("one_thread")`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
-from tests.helpers import default_model_path
+from tests import helpers
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="run the collected tests in reverse order (checks that no test depends on another)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: more intra-op threads only add synchronisation, and
+    on a busy 2-core machine threads that wait for each other are many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_default_gguf_parse():
+    """Our loader, our tokenizer tests and transformers' GGUF loader each open the default model
+    with gguf.GGUFReader, whose header parse (49k tokens, 49k merges) costs seconds: parse it
+    once per session. Read-only, and only for that one file (tests write and read others)."""
+    import gguf
+
+    default = str(helpers.default_model_path())
+    original = gguf.GGUFReader
+    readers = {}
+
+    def reader(path, mode="r"):
+        if os.path.realpath(path) != default:
+            return original(path, mode)
+        if mode not in readers:
+            readers[mode] = original(path, mode)
+        return readers[mode]
+
+    with mock.patch.object(gguf, "GGUFReader", reader):
+        yield
 
 
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
-    return default_model_path()
+    """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+    return helpers.default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_float():
+    """The real default model with weights decoded to fp32, loaded once per session. Shared:
+    run requests on `helpers.engine_variant(smollm_float)` (own KV cache), not on this LLM."""
+    from miaotui.llm import LLM
+
+    return LLM(str(helpers.default_model_path()), weights="float")
+
+
+@pytest.fixture(scope="session")
+def smollm_native():
+    """The real default model on the native int kernels (its Q4_1 blocks repacked), loaded once
+    per session. Shared: run requests on `helpers.engine_variant(smollm_native)`."""
+    from miaotui.llm import LLM
+
+    return LLM(str(helpers.default_model_path()))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random llama GGUF (fp32) with SmolLM2's vocabulary, tokenizer and chat template."""
+    return helpers.write_tiny_chat_gguf(tmp_path_factory.mktemp("tiny_chat") / "tiny.gguf")

@@ -8,7 +8,12 @@ model lives; and a plain step driver for our model."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +105,13 @@ HF_TO_GGUF = {
 }
 
 
-def write_gguf(model, arch: str, path: Path, qtype: str = "F32") -> Path:
-    """Write `model` as GGUF; matrices in `qtype` (F32, F16 or a block type gguf can quantize)."""
+def write_gguf(
+    model, arch: str, path: Path, qtype: str = "F32", tokenizer: str | None = None
+) -> Path:
+    """Write `model` as GGUF; matrices in `qtype` (F32, F16 or a block type gguf can quantize).
+
+    `tokenizer`: None (weights only), "bytes" (byte-level BPE, one token per ASCII byte, the last
+    id is EOS) or "smollm2" (the default model's tokenizer and chat template)."""
     import gguf
 
     cfg = model.config
@@ -119,6 +129,12 @@ def write_gguf(model, arch: str, path: Path, qtype: str = "F32") -> Path:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
         w.add_sliding_window(cfg.sliding_window)
+    if tokenizer == "bytes":
+        _add_byte_tokenizer(w, cfg.vocab_size)
+    elif tokenizer == "smollm2":
+        _add_smollm2_tokenizer(w)
+    elif tokenizer is not None:
+        raise ValueError(tokenizer)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     for name, arr in sd.items():
         gname = _gguf_name(name, arch)
@@ -135,6 +151,135 @@ def write_gguf(model, arch: str, path: Path, qtype: str = "F32") -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character map (byte-level BPE alphabet)."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
+def _add_byte_tokenizer(w, vocab_size: int) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(_byte_chars()[:vocab_size])
+    w.add_token_types([1] * vocab_size)
+    w.add_token_merges([])
+    w.add_eos_token_id(vocab_size - 1)
+
+
+def _add_smollm2_tokenizer(w) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(default_model_path()))
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(meta["tokenizer.ggml.add_bos_token"])
+    w.add_chat_template(meta["tokenizer.chat_template"])
+
+
+# ---- the tiny chat model: SmolLM2's vocabulary and tokenizer on tiny random weights -------------
+
+TINY_CHAT = dict(vocab_size=49152, max_position_embeddings=512)
+
+
+def tiny_chat_hf_model(seed: int = 0):
+    """The transformers twin of the model the `tiny_chat_gguf` fixture writes."""
+    return hf_model("llama", seed=seed, **TINY_CHAT)
+
+
+def write_tiny_chat_gguf(path: Path, qtype: str = "F32") -> Path:
+    return write_gguf(tiny_chat_hf_model(), "llama", path, qtype, tokenizer="smollm2")
+
+
+# ---- a byte-level tokenizer and tiny Transformers built directly (no file) ---------------------
+
+BYTE_EOS = 256  # byte-level vocabulary: ids 0..255 are bytes, 256 ends a sequence
+
+
+def byte_tokenizer():
+    """Byte-level TextTokenizer: one token per byte of text, BYTE_EOS ends a sequence."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from miaotui.tokenizer import TextTokenizer, TokenizerInfo
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return TextTokenizer(tok, TokenizerInfo(None, BYTE_EOS, False, None, frozenset({BYTE_EOS})))
+
+
+def tiny_transformer(seed: int, max_seq_len: int = 256):
+    """A tiny random llama Transformer over the byte vocabulary, in eval mode."""
+    from miaotui.config import ModelConfig
+    from miaotui.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        arch="llama",
+        vocab_size=BYTE_EOS + 1,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        max_seq_len=max_seq_len,
+    )
+    return Transformer(config).eval()
+
+
+# ---- engines and comparisons -------------------------------------------------------------------
+
+
+def engine_variant(base, **kwargs):
+    """A fresh LLM (own KV cache and scheduler) on `base`'s already loaded model; `kwargs` are
+    EngineConfig fields (128 KV blocks unless `cache` is given)."""
+    from miaotui.config import CacheConfig, EngineConfig
+    from miaotui.llm import LLM
+    from miaotui.loader import engine_for_model
+
+    kwargs.setdefault("cache", CacheConfig(num_blocks=128))
+    cfg = EngineConfig.from_kwargs(**kwargs)
+    return LLM.from_engine(engine_for_model(base.engine.runner.model, base.tokenizer, cfg))
+
+
+def assert_same_tokens(got, want, *, tie: float, atol: float, min_compared: int) -> int:
+    """Token-for-token equality of `got` (GenerationResults) and `want` (Completions, generated
+    with logprobs >= 2) up to each sequence's first near tie of `want` (top-2 gap < `tie`), with
+    logprobs within `atol`. At least `min_compared` tokens in all must be compared, so that a
+    comparison cannot pass by stopping at the first token. Returns the number compared."""
+    import pytest
+
+    compared = 0
+    for res, ref in zip(got, want, strict=True):
+        out = res.outputs[0]
+        assert out.finish_reason == ref.finish_reason == "length"
+        for t, (tok, lp, ref_tok, ref_lp) in enumerate(
+            zip(out.token_ids, out.logprobs, ref.token_ids, ref.logprobs, strict=True)
+        ):
+            gap = ref_lp.top_logprobs[0][1] - ref_lp.top_logprobs[1][1]
+            if gap < tie:
+                break
+            assert tok == ref_tok, f"{res.prompt[:20]!r}: step {t} (top-2 gap {gap:.2e})"
+            assert lp.logprob == pytest.approx(ref_lp.logprob, abs=atol)
+            compared += 1
+    assert compared >= min_compared, f"only {compared} tokens before near ties"
+    return compared
 
 
 def _rope_theta(cfg) -> float:
@@ -199,3 +344,33 @@ def run_steps(model, ids: list[int], prefill: int, block_size: int = 4) -> list[
             out.append(logits[-1])
             pos += len(chunk)
     return out
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, timeout: float = 30) -> Iterator[str]:
+    """Run the ASGI `app` with uvicorn in a daemon thread of this process; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,17 +1,17 @@
 """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end.
 
 Float path (weights="float") against transformers on the same file, dequantized by transformers'
-own GGUF loader: logits of prefill and decode steps within 1e-3 (observed ~1e-4 on logits of
-magnitude ~30), and 64 greedy tokens identical to `generate(do_sample=False)`.
+own GGUF loader: logits of prefill and decode steps within 2e-4 (observed up to 7.5e-5 on logits
+of magnitude ~30), and 64 greedy tokens identical to `generate(do_sample=False)`.
 Native path (int kernels on the Q4_1 blocks) against the float path: the same first greedy
-tokens, mean NLL on wiki text within 1%, and batching that changes no token away from near ties.
+tokens, mean NLL on wiki text within 0.4 % (observed +0.13 % on these 300 tokens; the README's
++0.11 % is on 512), and batching that changes no token away from near ties.
 The chat template and EOS handling end to end: "What is the capital of France?" -> "Paris".
 """
 
 from __future__ import annotations
 
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -19,12 +19,12 @@ import torch
 from miaotui import LLM, CacheConfig, SamplingParams
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.kv_cache import KVCache
-from tests.engine.test_engine_batching import assert_same_tokens, engine_variant
-from tests.helpers import SHARED, default_model_path, run_steps
+from tests.helpers import SHARED, assert_same_tokens, default_model_path, engine_variant, run_steps
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-LOGIT_ATOL = 1e-3
+LOGIT_ATOL = 2e-4  # ~2.7x the largest difference observed (7.5e-5)
+NLL_RTOL = 0.004  # ~3x the native-vs-float gap observed (+0.13 %)
 PROMPTS = [
     "The capital of France is",
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
@@ -36,43 +36,14 @@ LONG_PROMPT = PROMPTS[1]
 EOS = 2  # <|im_end|>, tokenizer.ggml.eos_token_id
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other work, OpenMP threads that spin
-    waiting for a busy core cost far more than they bring (minutes instead of seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gguf_parse():
-    """Our loader (twice) and transformers (config, then tensors) each open the file with
-    gguf.GGUFReader, whose header parse (49k tokens, 49k merges) costs seconds: parse it once."""
-    import gguf
-
-    readers = {}
-    original = gguf.GGUFReader
-
-    def reader(path, mode="r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
-
-    with mock.patch.object(gguf, "GGUFReader", reader):
-        yield
+@pytest.fixture(scope="module")
+def float_llm(smollm_float) -> LLM:
+    return engine_variant(smollm_float)
 
 
 @pytest.fixture(scope="module")
-def float_llm() -> LLM:
-    return LLM(str(default_model_path()), weights="float")
-
-
-@pytest.fixture(scope="module")
-def native_llm() -> LLM:
-    return LLM(str(default_model_path()))
+def native_llm(smollm_native) -> LLM:
+    return engine_variant(smollm_native)
 
 
 @pytest.fixture(scope="module")
@@ -110,21 +81,29 @@ def test_logits_match_transformers(float_llm, reference):
 
 
 def test_greedy_64_tokens_match_transformers(float_llm, reference):
+    """Our 64 greedy tokens are transformers' `generate(do_sample=False, min_new_tokens=64)`,
+    checked in one teacher-forced forward pass instead of 64 decode steps: at every position
+    transformers' argmax over all but EOS (which min_new_tokens forbids) is our next token, so by
+    induction its greedy continuation is ours."""
     prompt = LONG_PROMPT
     ids = float_llm.tokenizer.encode(prompt)
-    with torch.no_grad():
-        want = reference.generate(
-            torch.tensor([ids]), do_sample=False, min_new_tokens=64, max_new_tokens=64
-        )[0, len(ids) :].tolist()
     got = float_llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0.0))[0]
     assert EOS not in got.token_ids and got.finish_reason == "length"
-    assert got.token_ids == want
+    assert len(got.token_ids) == 64
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids + got.token_ids[:-1]])).logits[0, len(ids) - 1 :]
+    logits[:, EOS] = -math.inf
+    want = logits.argmax(-1).tolist()
+    assert got.token_ids == want, next(
+        t for t, (a, b) in enumerate(zip(got.token_ids, want)) if a != b
+    )
 
 
 def test_native_greedy_starts_like_float(float_llm, native_llm):
     """Same tokens up to the first near tie of the float model (top-2 gap < 0.5 nats: the int8
     activations of the native kernels move this model's logits by up to ~0.4)."""
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=2)
+    compared = 0
     for prompt in PROMPTS:
         want = float_llm.generate(prompt, params)[0].outputs[0]
         got = native_llm.generate(prompt, params)[0].token_ids
@@ -132,6 +111,8 @@ def test_native_greedy_starts_like_float(float_llm, native_llm):
         n = next((t for t, gap in enumerate(gaps) if gap < 0.5), len(gaps))
         assert n >= 3, (prompt, gaps)
         assert got[:n] == want.token_ids[:n], prompt
+        compared += n
+    assert compared >= 12  # measured 16 of 24 (5, 3, 8)
 
 
 def _all_logits(model, ids: list[int]) -> torch.Tensor:
@@ -158,7 +139,7 @@ def _mean_nll(model, ids: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])))
 
 
-def test_native_nll_within_one_percent_of_float(float_llm, native_llm):
+def test_native_nll_within_0_4_percent_of_float(float_llm, native_llm):
     with open(SHARED / "data" / "text" / "wiki_dev.txt", encoding="utf-8") as f:
         text = f.read(4000)
     ids = float_llm.tokenizer.encode(text)[:300]
@@ -166,7 +147,7 @@ def test_native_nll_within_one_percent_of_float(float_llm, native_llm):
     ref = _mean_nll(float_llm.engine.runner.model, ids)
     got = _mean_nll(native_llm.engine.runner.model, ids)
     assert 1.0 < ref < 5.0  # a sane language model on English prose (perplexity 3..150)
-    assert abs(got - ref) / ref < 0.01, (got, ref, math.exp(got), math.exp(ref))
+    assert abs(got - ref) / ref < NLL_RTOL, (got, ref, math.exp(got), math.exp(ref))
 
 
 def test_native_batched_equals_alone(native_llm):
@@ -174,17 +155,18 @@ def test_native_batched_equals_alone(native_llm):
     The native path is not batch-invariant: the packed batch moves attention outputs by ~1e-7,
     and the kernels' per-32-block int8 activation quantisation turns such noise into whole
     rounding steps, a fresh draw of quantisation error (logits move by up to ~0.7 on this model,
-    as much as native vs float). Hence the 1-nat tie margin and loose logprob tolerance."""
+    as much as native vs float). Hence the 1-nat tie margin and loose logprob tolerance; at
+    least 8 of the 64 tokens must come before the first near ties (measured 10)."""
     params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=2)
     prompts = PROMPTS + ["Hi"]
     kw = dict(max_model_len=128, cache=CacheConfig(num_blocks=64, enable_prefix_caching=False))
     ref = engine_variant(native_llm, **kw)
     alone = [ref.generate(p, params)[0].outputs[0] for p in prompts]
     batched = engine_variant(native_llm, max_model_len=128, cache=CacheConfig(num_blocks=64))
-    compared = assert_same_tokens(batched.generate(prompts, params), alone, tie=1.0, atol=0.5)
-    assert compared >= 8
+    same = dict(tie=1.0, atol=0.5, min_compared=8)
+    assert_same_tokens(batched.generate(prompts, params), alone, **same)
     chunked = engine_variant(native_llm, max_num_batched_tokens=8, **kw)
-    assert_same_tokens(chunked.generate(prompts, params), alone, tie=1.0, atol=0.5)
+    assert_same_tokens(chunked.generate(prompts, params), alone, **same)
 
 
 def test_chat_answers_paris(float_llm):

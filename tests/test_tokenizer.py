@@ -14,7 +14,6 @@ so the reference gets that pre-tokenizer back before comparing.
 from __future__ import annotations
 
 import random
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -111,25 +110,6 @@ def _corpus_lines(n: int) -> list[str]:
 
 
 CORPUS = HANDPICKED + _random_strings(250) + _corpus_lines(50)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gguf_parse():
-    """Both tokenizers open the file with gguf.GGUFReader, whose header parse (49k tokens, 49k
-    merges) costs seconds: parse it once."""
-    import gguf
-
-    readers = {}
-    original = gguf.GGUFReader
-
-    def reader(path, mode="r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
-
-    with mock.patch.object(gguf, "GGUFReader", reader):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,57 +8,22 @@ import asyncio
 import time
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from miaotui.config import CacheConfig, EngineConfig, ModelConfig
+from miaotui.config import CacheConfig, EngineConfig
 from miaotui.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from miaotui.errors import CapacityError, InvalidRequestError
 from miaotui.loader import engine_for_model
-from miaotui.model.transformer import Transformer
 from miaotui.sampling_params import SamplingParams
-from miaotui.tokenizer import TextTokenizer, TokenizerInfo
+from tests.helpers import BYTE_EOS, byte_tokenizer, tiny_transformer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
-EOS = 256  # byte-level vocabulary: ids 0..255 are bytes, 256 ends a sequence
-
-
-def tiny_tokenizer() -> TextTokenizer:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    info = TokenizerInfo(None, EOS, False, None, frozenset({EOS}))
-    return TextTokenizer(tok, info)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine threads that wait for each
-    other are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+EOS = BYTE_EOS
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=EOS + 1,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        max_seq_len=256,
-    )
-    return Transformer(config).eval(), tiny_tokenizer()
+    return tiny_transformer(seed=0, max_seq_len=256), byte_tokenizer()
 
 
 def make_engine(tiny, **overrides) -> AsyncEngine:
@@ -71,7 +36,7 @@ def make_engine(tiny, **overrides) -> AsyncEngine:
         cache=CacheConfig(block_size=4, num_blocks=96),
     )
     fields.update(overrides)
-    return AsyncEngine(engine_for_model(model, tok, EngineConfig(**fields)), "tiny")
+    return AsyncEngine(engine_for_model(model, tok, EngineConfig.from_kwargs(**fields)), "tiny")
 
 
 @pytest.fixture

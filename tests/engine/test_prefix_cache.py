@@ -6,71 +6,32 @@ The real model's hits over HTTP are checked in test_server.py."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import openai
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from miaotui.config import CacheConfig, EngineConfig, ModelConfig
+from miaotui.config import CacheConfig, EngineConfig
 from miaotui.engine.async_engine import AsyncEngine
 from miaotui.llm import LLM
 from miaotui.loader import engine_for_model
-from miaotui.model.transformer import Transformer
 from miaotui.sampling_params import SamplingParams
-from miaotui.tokenizer import TextTokenizer, TokenizerInfo
+from tests.helpers import BYTE_EOS, byte_tokenizer, serve_in_thread, tiny_transformer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 BS = 4  # small blocks: many of them per prompt
-EOS = 256
-
-
-def tiny_tokenizer() -> TextTokenizer:
-    """Byte-level: one token per byte of text, 256 ends a sequence."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return TextTokenizer(tok, TokenizerInfo(None, EOS, False, None, frozenset({EOS})))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy machine threads that wait for each
-    other are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+EOS = BYTE_EOS
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(1)
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=EOS + 1,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=16,
-        intermediate_size=96,
-        max_seq_len=512,
-    )
-    return Transformer(config).eval(), tiny_tokenizer()
+    return tiny_transformer(seed=1, max_seq_len=512), byte_tokenizer()
 
 
 def engine_config(caching: bool, num_blocks: int = 128, **kw) -> EngineConfig:
     kw.setdefault("max_num_batched_tokens", 32)  # long prompts take several chunks
     cache = CacheConfig(block_size=BS, num_blocks=num_blocks, enable_prefix_caching=caching)
-    return EngineConfig(device="cpu", max_model_len=256, cache=cache, **kw)
+    return EngineConfig.from_kwargs(device="cpu", max_model_len=256, cache=cache, **kw)
 
 
 def make_llm(tiny, caching: bool, **kw) -> LLM:
@@ -144,33 +105,17 @@ def test_batched_shared_prefix_with_preemption(tiny):
 # ---- over HTTP -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny):
-    import uvicorn
-
     from miaotui.server.openai import ServerConfig, create_app
 
     model, tok = tiny
     engine = AsyncEngine(engine_for_model(model, tok, engine_config(caching=True)), "tiny")
-    app = create_app(engine, ServerConfig(model_name="tiny"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    engine.shutdown()
+    try:
+        with serve_in_thread(create_app(engine, ServerConfig(model_name="tiny"))) as url:
+            yield url
+    finally:
+        engine.shutdown()
 
 
 def prefix_hits(url: str) -> float:

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams
 from miaotui.engine.sampler import apply_penalties, filter_logits, make_generator, sample_row
-from tests.engine.test_engine_batching import engine_variant, tiny_chat_gguf, tiny_hf_model
+from tests.helpers import engine_variant, tiny_chat_hf_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- filters: the allowed set, computed independently ---------------------------------------
 
@@ -171,22 +173,14 @@ def test_penalties_match_references(logits, data, repetition, presence, frequenc
 # ---- end to end on the tiny model ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
-    return LLM(str(tiny_chat_gguf(tmp_path_factory)), weights="float")
+def llm(tiny_chat_gguf) -> LLM:
+    return LLM(str(tiny_chat_gguf), weights="float")
 
 
 @pytest.fixture(scope="module")
 def hf():
-    return tiny_hf_model()
+    return tiny_chat_hf_model()
 
 
 def hf_logits(hf, ids: list[int]) -> np.ndarray:

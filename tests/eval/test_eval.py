@@ -19,19 +19,12 @@ from miaotui.load.hf_dir import read_hf_dir
 from miaotui.model.build import build_model
 from tests.helpers import hf_model, save_hf_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good "
     "fortune, must be in want of a wife."
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP hand-off stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class ByteTokenizer:

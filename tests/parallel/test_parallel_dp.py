@@ -16,7 +16,7 @@ from miaotui.llm import LLM
 from miaotui.loader import build_engine
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.openai import ServerConfig, create_app
-from tests.parallel.test_parallel_model import write_tiny_gguf
+from tests.helpers import hf_model, write_gguf
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -26,8 +26,9 @@ PROMPTS = [f"{i} is the number of the quick brown fox" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory) -> EngineConfig:
-    path = write_tiny_gguf(tmp_path_factory.mktemp("dp") / "tiny.gguf", num_hidden_layers=2)
-    return EngineConfig(
+    path = tmp_path_factory.mktemp("dp") / "tiny.gguf"
+    write_gguf(hf_model("llama", num_hidden_layers=2), "llama", path, tokenizer="bytes")
+    return EngineConfig.from_kwargs(
         model=str(path),
         threads=1,
         max_model_len=200,

@@ -9,68 +9,22 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import gguf
-import numpy as np
 import pytest
 import torch
 
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.errors import DistributedError, InvalidRequestError
 from miaotui.load.open import open_checkpoint
-from miaotui.loader import build_engine
+from miaotui.loader import build_engine, engine_for_model
 from miaotui.parallel.dist import ParallelConfig, free_port, init_distributed
-from tests.helpers import _add_tensor, _gguf_name, _permute, _rope_theta, hf_model
+from tests.helpers import hf_model, write_gguf
 
 pytestmark = pytest.mark.slow
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's byte -> printable character map (byte-level BPE alphabet)."""
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return [chars[b] for b in range(256)]
-
-
 def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "F32", **overrides) -> Path:
-    """A tiny random model as GGUF, with a byte-level tokenizer (one token per ASCII byte, the
-    last id is EOS) so that engines and the HTTP server can run on it."""
-    model = hf_model(arch, **overrides)
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(_byte_chars()[: cfg.vocab_size])
-    w.add_token_types([1] * cfg.vocab_size)
-    w.add_token_merges([])
-    w.add_eos_token_id(cfg.vocab_size - 1)
-    for name, t in model.state_dict().items():
-        arr = t.detach().float().numpy()
-        gname = _gguf_name(name, arch)
-        if gname is None:
-            continue
-        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
-            arr = _permute(arr, heads)
-        _add_tensor(w, gname, np.ascontiguousarray(arr), qtype if arr.ndim == 2 else "F32")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    """A tiny random model as GGUF with a byte-level tokenizer, so that engines can run on it."""
+    return write_gguf(hf_model(arch, **overrides), arch, path, qtype, tokenizer="bytes")
 
 
 # ---- running ranks -----------------------------------------------------------------------------
@@ -81,13 +35,12 @@ TIMEOUT = 150.0
 
 def _job_result(engine, prompts) -> dict:
     """Rank 0: logits of a prefill of every prompt, then greedy tokens of all of them."""
-    from miaotui.engine.scheduler import ScheduledRequest
     from miaotui.llm import LLM
     from miaotui.sampling_params import SamplingParams
 
     ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
     return {
-        "logits": prefill_logits(engine.runner, ids, ScheduledRequest),
+        "logits": prefill_logits(engine.runner, ids),
         "tokens": [
             r.token_ids
             for r in LLM.from_engine(engine).generate(
@@ -97,15 +50,16 @@ def _job_result(engine, prompts) -> dict:
     }
 
 
-def prefill_logits(runner, ids: list[list[int]], ScheduledRequest) -> torch.Tensor:
+def prefill_logits(runner, ids: list[list[int]]) -> torch.Tensor:
     """(B, V) logits of the last position of each prompt, all prefilled in one step."""
-    bs, scheduled, next_block = runner.block_size, [], 1
+    from miaotui.engine.scheduler import NewRequest, SchedulerOutput
+
+    bs, new, next_block = runner.block_size, [], 1
     for i, p in enumerate(ids):
         n = -(-len(p) // bs)
-        blocks = list(range(next_block, next_block + n))
+        new.append(NewRequest(f"p{i}", p, 0, True, list(range(next_block, next_block + n))))
         next_block += n
-        scheduled.append(ScheduledRequest(f"p{i}", p, 0, blocks, True, None, []))
-    return runner.execute(runner.prepare(scheduled))
+    return runner.execute(runner.prepare(SchedulerOutput([], new, [])))
 
 
 def _rank_main(rank: int, jobs: list, q) -> None:
@@ -158,7 +112,7 @@ def _par(kind: str, **kw) -> ParallelConfig:
 
 def _cfg(model: str | None, **kw) -> EngineConfig:
     cache = CacheConfig(num_blocks=96, block_size=4)
-    return EngineConfig(model=model, threads=1, max_model_len=256, cache=cache, **kw)
+    return EngineConfig.from_kwargs(model=model, threads=1, max_model_len=256, cache=cache, **kw)
 
 
 def _reference(cfg: EngineConfig, prompts) -> dict:
@@ -184,40 +138,59 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.mark.timeout(240)
-def test_tiny_models_tp_and_pp_match_single_process(tiny_paths):
-    jobs = [
-        (_cfg(str(tiny_paths["llama"])), _par("tp"), PROMPT_IDS),
-        (_cfg(str(tiny_paths["llama_q8"])), _par("tp"), PROMPT_IDS),  # int8 codes cut along K
-        (_cfg(str(tiny_paths["qwen2"])), _par("tp"), PROMPT_IDS),  # q/k/v biases split too
-        (_cfg(str(tiny_paths["llama"])), _par("pp"), PROMPT_IDS),
-        (_cfg(str(tiny_paths["llama_q8"])), _par("pp", num_micro_batches=3), PROMPT_IDS),
-    ]
-    for (cfg, par, prompts), got in zip(jobs, run_two_ranks(jobs)):
+DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
+
+
+def _jobs(tiny_paths) -> dict[str, list]:
+    # The default model in fp32 weights: the int4 kernels quantize activations to int8, so the
+    # all-reduce's different summation order can flip a rounding and the native path is not
+    # fp32-comparable.
+    default = _cfg(None, weights="float")
+    return {
+        "tiny": [
+            (_cfg(str(tiny_paths["llama"])), _par("tp"), PROMPT_IDS),
+            (_cfg(str(tiny_paths["llama_q8"])), _par("tp"), PROMPT_IDS),  # int8 codes cut along K
+            (_cfg(str(tiny_paths["qwen2"])), _par("tp"), PROMPT_IDS),  # q/k/v biases split too
+            (_cfg(str(tiny_paths["llama"])), _par("pp"), PROMPT_IDS),
+            (_cfg(str(tiny_paths["llama_q8"])), _par("pp", num_micro_batches=3), PROMPT_IDS),
+        ],
+        "default": [(default, _par("tp"), DEFAULT_PROMPTS), (default, _par("pp"), DEFAULT_PROMPTS)],
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_paths) -> dict[str, list[tuple[tuple, dict]]]:
+    """Every two-rank job of this module in one launch of two ranks (each rank pays Python,
+    torch and model start-up once): {group: [(job, rank 0's result)]}."""
+    jobs = _jobs(tiny_paths)
+    flat = [job for group in jobs.values() for job in group]
+    results = iter(run_two_ranks(flat))
+    return {name: [(job, next(results)) for job in group] for name, group in jobs.items()}
+
+
+@pytest.mark.timeout(400)
+def test_tiny_models_tp_and_pp_match_single_process(two_rank_runs):
+    for (cfg, par, prompts), got in two_rank_runs["tiny"]:
         _check_same(got, _reference(cfg, prompts), f"{cfg.model} {par}")
 
 
-@pytest.mark.timeout(300)
-def test_default_model_tp_and_pp_match_single_process():
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
-    # fp32 weights: the int4 kernels quantize activations to int8, so the all-reduce's different
-    # summation order can flip a rounding and the native path is not fp32-comparable.
-    cfg = _cfg(None, weights="float")
-    jobs = [(cfg, _par("tp"), prompts), (cfg, _par("pp"), prompts)]
-    results = run_two_ranks(jobs)
-    want = _reference(cfg, prompts)
-    for (_, par, _), got in zip(jobs, results):
+@pytest.mark.timeout(400)
+def test_default_model_tp_and_pp_match_single_process(two_rank_runs, smollm_float):
+    (cfg, _, prompts), _ = two_rank_runs["default"][0]
+    model, tok = smollm_float.engine.runner.model, smollm_float.tokenizer
+    want = _job_result(engine_for_model(model, tok, cfg), prompts)  # the session's float model
+    for (_, par, _), got in two_rank_runs["default"]:
         _check_same(got, want, f"default model {par}")
 
 
-def test_each_rank_holds_only_its_slice(tiny_paths):
+def test_each_rank_holds_only_its_slice(tiny_paths, smollm_native):
     from miaotui.parallel.pp import build_stage_model
     from miaotui.parallel.tp import build_tp_model, weight_bytes
 
     for name in ("llama", None):  # tiny float model; the default model packed natively
         model = None if name is None else str(tiny_paths[name])
         ckpt, cfg = open_checkpoint(model), _cfg(model)
-        whole = build_engine(cfg).runner.model
+        whole = (build_engine(cfg) if name else smollm_native.engine).runner.model
         full = weight_bytes(whole)
         norms = sum(4 * t.numel for n, t in ckpt.tensors.items() if n.endswith("norm.weight"))
         tp = [

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,12 +31,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
+from bench.health import wait_healthy
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.llm import LLM, GenerationResult
 from miaotui.sampling_params import SamplingParams
-from tests.helpers import REPO
+from tests.helpers import REPO, engine_variant, free_port, serve_in_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,12 +44,6 @@ API_KEY = "sk-miaotui-test"
 MODEL = "smollm2-135m"
 MAX_MODEL_LEN = 256
 NOISE = 0.6  # nats: see the module docstring
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nonce() -> str:
@@ -66,32 +58,19 @@ class Stack:
     log: Path
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
-def stack():
+def stack(smollm_native, one_thread):
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="miaotui-serve-")) / "server.log"
     cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--threads", "1"]
     cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY]
-    threads = torch.get_num_threads()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     try:
-        # Loads while the server boots.
-        llm = LLM(threads=1, max_model_len=MAX_MODEL_LEN, cache=CacheConfig(num_blocks=64))
+        # The in-process reference: the session's native model, with a KV cache of its own.
+        llm = engine_variant(
+            smollm_native, max_model_len=MAX_MODEL_LEN, cache=CacheConfig(num_blocks=64)
+        )
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log, timeout=240)
         yield Stack(url, llm, log)
@@ -102,7 +81,6 @@ def stack():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        torch.set_num_threads(threads)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
@@ -499,31 +477,22 @@ def test_client_disconnect_mid_stream_frees_every_block(stack):
 def inprocess_server(stack: Stack, execute_hook=None, **engine_kw) -> Iterator[str]:
     """An app of our server around a new AsyncEngine on the reference's model, served by
     uvicorn in a thread; `execute_hook(execute, inp)` wraps the runner's forward pass."""
-    import uvicorn
-
     from miaotui.engine.async_engine import AsyncEngine
     from miaotui.loader import engine_for_model
     from miaotui.server.openai import ServerConfig, create_app
 
     model, tok = stack.llm.engine.runner.model, stack.llm.tokenizer
-    cfg = EngineConfig(max_model_len=MAX_MODEL_LEN, cache=CacheConfig(num_blocks=40), **engine_kw)
+    cfg = EngineConfig.from_kwargs(
+        max_model_len=MAX_MODEL_LEN, cache=CacheConfig(num_blocks=40), **engine_kw
+    )
     engine = AsyncEngine(engine_for_model(model, tok, cfg), MODEL)
     if execute_hook is not None:
         runner = engine.engine.runner
         runner.execute = functools.partial(execute_hook, runner.execute)
-    app = create_app(engine, ServerConfig(model_name=MODEL))
-    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "app did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{server.config.port}"
+        with serve_in_thread(create_app(engine, ServerConfig(model_name=MODEL))) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         engine.shutdown()
 
 
@@ -629,18 +598,30 @@ def test_prefix_cache_hit_gives_the_same_output(stack, client):
     assert r.usage.prompt_tokens_details.cached_tokens >= 16
 
 
-def test_metrics_after_all_requests(stack):
+def test_metrics_count_this_tests_requests(stack, client):
+    """The counters move by this test's own requests (a prompt twice, the second from the prefix
+    cache; streamed, so that inter-token latencies are observed), whatever ran before."""
+    before = wait_idle(stack.url)
+    text = nonce() + " A prompt long enough to fill at least one whole block of the KV cache,"
+    text += " so that the second time it is sent its first block comes from the prefix cache."
+    for _ in range(2):
+        stream = client.completions.create(
+            model=MODEL, prompt=text, max_tokens=4, temperature=0, stream=True
+        )
+        assert len([c for c in stream if c.choices]) >= 2
     m = wait_idle(stack.url)
     for name in (
         "miaotui_prompt_tokens_total",
         "miaotui_generation_tokens_total",
         "miaotui_request_success_total",
         "miaotui_prefix_cache_queries_total",
+        "miaotui_prefix_cache_hits_total",
         "miaotui_time_to_first_token_seconds_count",
         "miaotui_inter_token_latency_seconds_count",
         "miaotui_e2e_request_latency_seconds_count",
     ):
-        assert m[name] > 0, name
+        assert m[name] > before.get(name, 0), name
+    assert m["miaotui_request_success_total"] == before.get("miaotui_request_success_total", 0) + 2
     assert m["miaotui_engine_step_failures_total"] == 0
     assert 0 < m["miaotui_prefix_cache_hit_rate"] < 1
     body = httpx.get(stack.url + "/metrics").text

@@ -25,6 +25,8 @@ from miaotui.transforms.prune import head_plan, prune_model, sparsify_model
 from miaotui.transforms.spec import PruneSpec, TransformContext, parse_spec, parse_specs
 from tests.helpers import SHARED
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 128
 OUTLIERS = [3, 17, 40, 51]
 """Residual channels scaled up by the norms, like the outlier features of real LLMs."""
@@ -38,15 +40,6 @@ class ByteTokenizer:
 
 
 CTX = TransformContext(ByteTokenizer(), CalibrationConfig(num_windows=8, window=64))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is faster, and much faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +232,9 @@ def run_engine(model: Transformer, tok, prompt: list[int], n: int = 6) -> list[i
     from miaotui.loader import engine_for_model
     from miaotui.sampling_params import SamplingParams
 
-    cfg = EngineConfig(device="cpu", max_model_len=256, cache=CacheConfig(num_blocks=32))
+    cfg = EngineConfig.from_kwargs(
+        device="cpu", max_model_len=256, cache=CacheConfig(num_blocks=32)
+    )
     llm = LLM.from_engine(engine_for_model(model, tok, cfg))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     return llm.generate([prompt], params)[0].token_ids

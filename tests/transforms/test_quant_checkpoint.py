@@ -24,16 +24,9 @@ from miaotui.transforms.pipeline import apply_transforms
 from miaotui.transforms.spec import TransformContext, parse_specs
 from tests.helpers import hf_model, save_hf_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IDS = [list(range(5, 45)), list(range(60, 71))]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP hand-off stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_char_tokenizer(path: Path) -> None:
