@@ -390,6 +390,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_succeeds_on_a_good_model(cli_runs):
     for case in ("generate_ok", "chat_ok"):
         run, _ = cli_runs[case]
@@ -397,6 +398,7 @@ def test_cli_succeeds_on_a_good_model(cli_runs):
         assert "error" not in run.stderr and len(run.stdout.splitlines()) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_one_line_error(cli_runs, case):
     run, expected = cli_runs[case]
