@@ -15,7 +15,7 @@ import torch
 
 from miaotui.config import CacheConfig
 from miaotui.engine.block_pool import BlockPool
-from miaotui.engine.request import Request, RequestStatus, check_prompt
+from miaotui.engine.request import Request, RequestStatus
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
@@ -121,18 +121,15 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt) if prompt else []
         else:
             ids = list(prompt)
-        check_prompt(len(ids), self.config.max_model_len)
         bad = [t for t in ids if not 0 <= t < self.runner.model.config.vocab_size]
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary", "prompt")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.states:
-            raise InvalidRequestError(f"request id {rid!r} is already in use", "request_id")
         eos = set(params.stop_token_ids)
         if not params.ignore_eos:
             eos |= self.tokenizer.stop_ids
         req = Request(rid, ids, params.max_tokens, eos_token_ids=frozenset(eos))
-        self.scheduler.add_request(req)
+        self.scheduler.add_request(req)  # checks the id, the length (check_prompt), max_tokens
         gen = None if params.greedy else make_generator(params.seed, self.runner.device)
         self.states[rid] = _RequestState(
             req,
