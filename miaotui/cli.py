@@ -25,7 +25,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     params = sampling_params(a)  # bad parameters fail before the model is loaded
     cfg = engine_config(a)
-    llm = LLM(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    llm = LLM(cfg)
     prompts = a.prompt or [sys.stdin.read()]
     results = llm.generate(prompts, params)
     for r in results:
@@ -50,7 +50,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
     params = sampling_params(a)  # bad parameters fail before the model is loaded
     cfg = engine_config(a)
-    llm = LLM(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    llm = LLM(cfg)
     messages: list[dict[str, str]] = []
     if a.system:
         messages.append({"role": "system", "content": a.system})

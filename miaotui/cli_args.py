@@ -4,9 +4,11 @@ subcommand module (cli.py, server/cli.py, eval/cli.py) declares its flags with t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any
 
-from miaotui.config import CacheConfig, EngineConfig
+from miaotui.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from miaotui.sampling_params import SamplingParams
 
 
@@ -25,7 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_env_threads(),
+        help="CPU threads (default: $MIAOTUI_THREADS, else torch's default)",
+    )
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -40,23 +47,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config(a: argparse.Namespace, progress: bool = True) -> EngineConfig:
+def engine_config(a: argparse.Namespace, progress: bool = True, **scheduler: Any) -> EngineConfig:
+    """The engine config the flags ask for; `scheduler` adds SchedulerConfig fields that only
+    some subcommands have flags for (max_waiting)."""
     return EngineConfig(
         model=a.model,
         weights=a.weights,
-        dtype=a.dtype,
-        device=a.device,
-        threads=a.threads,
-        max_model_len=a.max_model_len,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens,
         transforms=a.transforms,
+        progress=progress and sys.stderr.isatty(),
+        device=DeviceConfig(device=a.device, dtype=a.dtype, threads=a.threads),
         cache=CacheConfig(
             kv_dtype=a.kv_cache_dtype,
             memory_gib=a.kv_cache_gib,
             enable_prefix_caching=not a.no_prefix_caching,
         ),
-        progress=progress and sys.stderr.isatty(),
+        scheduler=SchedulerConfig(
+            max_model_len=a.max_model_len,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            **scheduler,
+        ),
     )
 
 
@@ -82,3 +92,9 @@ def sampling_params(a: argparse.Namespace) -> SamplingParams:
         seed=a.seed,
         stop=tuple(a.stop),
     )
+
+
+def _env_threads() -> int | None:
+    """MIAOTUI_THREADS is read here, at the CLI edge, and nowhere in the library."""
+    value = os.environ.get("MIAOTUI_THREADS", "")
+    return int(value) if value.strip().isdigit() and int(value) > 0 else None

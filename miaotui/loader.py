@@ -12,10 +12,9 @@ import logging
 import time
 
 from miaotui.config import EngineConfig
-from miaotui.device import DeviceConfig, resolve_device, resolve_dtype, setup_threads
+from miaotui.device import resolve_device, resolve_dtype, setup_threads
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelRunner, num_cache_blocks
-from miaotui.engine.scheduler import SchedulerConfig
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.model.build import build_model
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def build_engine(cfg: EngineConfig) -> LLMEngine:
     t0 = time.perf_counter()
-    setup_threads(cfg.threads)
+    setup_threads(cfg.device.threads)  # only when the user asked for a number
     ckpt = open_checkpoint(cfg.model)
     tokenizer = load_tokenizer(ckpt)
     model = load_model(ckpt, cfg, tokenizer)
@@ -40,8 +39,7 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
     """The model `cfg` asks for: built from `ckpt`, then `cfg.transforms` applied. Transforms
     need float weights: they apply to a float build, or to the float modules of a saved
     transformed checkpoint."""
-    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
-    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
     if not cfg.transforms:
         return build_model(ckpt, device, dtype, cfg.weights, progress=cfg.progress)
     from miaotui.transforms.pipeline import apply_transforms
@@ -54,16 +52,8 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
 
 def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineConfig) -> LLMEngine:
     """Engine around an already built (possibly transformed) model."""
-    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
-    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
-    max_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
     num_blocks = num_cache_blocks(model, cfg.cache, dtype)
     runner = ModelRunner(model, cfg.cache, num_blocks, device, dtype)
-    sched = SchedulerConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        long_prefill_token_threshold=cfg.max_num_batched_tokens,
-        max_waiting=cfg.max_waiting,
-        max_model_len=max_len,
-    )
+    sched = cfg.scheduler.for_model(model.config.max_seq_len)
     return LLMEngine(runner, tokenizer, num_blocks, cfg.cache, sched)

@@ -128,7 +128,7 @@ def test_serving_the_default_model_natively_skips_transforms_and_dynamo():
     loaded = _modules_after(
         "from miaotui.config import EngineConfig\n"
         "from miaotui.loader import build_engine\n"
-        "engine = build_engine(EngineConfig(weights='native', threads=1, max_model_len=256))\n"
+        "engine = build_engine(EngineConfig.from_kwargs(weights='native', threads=1, max_model_len=256))\n"
         "assert engine.runner.model is not None"
     )
     assert not loaded["miaotui.transforms"]

@@ -62,7 +62,7 @@ def _llm(a: argparse.Namespace):
 
     cfg = engine_config(a)
     t0 = time.perf_counter()
-    llm = LLM(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__})
+    llm = LLM(cfg)
     return llm, time.perf_counter() - t0
 
 

@@ -11,9 +11,8 @@ import os
 import sys
 
 from miaotui.cli_args import engine_config
-from miaotui.config import EngineConfig
+from miaotui.config import EngineConfig, ParallelConfig
 from miaotui.errors import InvalidRequestError
-from miaotui.parallel.dist import ParallelConfig
 
 log = logging.getLogger(__name__)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -63,9 +62,10 @@ def parallel_config(a: argparse.Namespace, env) -> ParallelConfig:
 
 
 def _engine_config(a: argparse.Namespace, ranks_here: int) -> EngineConfig:
-    cfg = dataclasses.replace(engine_config(a), max_waiting=a.max_waiting)
-    if cfg.threads is None and ranks_here > 1:  # ranks of one machine share its cores
-        cfg = dataclasses.replace(cfg, threads=max(1, (os.cpu_count() or 1) // ranks_here))
+    cfg = engine_config(a, max_waiting=a.max_waiting)
+    if cfg.device.threads is None and ranks_here > 1:  # ranks of one machine share its cores
+        threads = max(1, (os.cpu_count() or 1) // ranks_here)
+        cfg = dataclasses.replace(cfg, device=dataclasses.replace(cfg.device, threads=threads))
     return cfg
 
 

@@ -143,7 +143,7 @@ class ReplicaRouter:
         ckpt = open_checkpoint(cfg.model)
         self.tokenizer = load_tokenizer(ckpt)
         limit = ckpt.config.max_seq_len
-        self.max_model_len = min(cfg.max_model_len or limit, limit)
+        self.max_model_len = cfg.scheduler.for_model(limit).max_model_len
         self.cfg, self.model_name = cfg, model_name
         self.block_size = cfg.cache.block_size
         self.prefix_slack, self.output_timeout_s = prefix_slack, output_timeout_s

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miaotui.config import EngineConfig, ModelConfig
-from miaotui.device import DeviceConfig, resolve_device, resolve_dtype
+from miaotui.device import resolve_device, resolve_dtype
 from miaotui.errors import InvalidRequestError
 from miaotui.load.checkpoint import Checkpoint, TensorSource
 from miaotui.model.build import build_model
@@ -280,8 +280,7 @@ def build_from_sources(
     """A Transformer of `config` whose parameters come from `sources` (sliced or renamed
     checkpoint tensors), built by the one model builder (model/build.py) as `cfg.weights` says.
     Parameters named in `drop` are not loaded (left on the meta device for the caller)."""
-    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
-    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
     view = dataclasses.replace(ckpt, config=config, tensors=sources)
     return build_model(view, device, dtype, cfg.weights, progress=cfg.progress, drop=drop)
 

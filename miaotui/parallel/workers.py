@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from miaotui.config import EngineConfig
-from miaotui.device import DeviceConfig, resolve_device, resolve_dtype, setup_threads
+from miaotui.device import resolve_device, resolve_dtype, setup_threads
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelInput, ModelRunner, num_cache_blocks
-from miaotui.engine.scheduler import SchedulerConfig, SchedulerOutput
+from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.errors import DistributedError, InvalidRequestError, MiaotuiError
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
@@ -76,9 +76,8 @@ def check_fits(ckpt: Checkpoint, par: ParallelConfig, cfg: EngineConfig | None =
 def build_rank(cfg: EngineConfig, par: ParallelConfig, rank: int) -> Rank:
     """Join the group as `rank` and load this rank's part of the model (only its slice of the
     file); returns once every rank has loaded."""
-    setup_threads(cfg.threads)
-    device_cfg = DeviceConfig(cfg.device, cfg.dtype, cfg.threads)
-    device, dtype = resolve_device(device_cfg), resolve_dtype(device_cfg)
+    setup_threads(cfg.device.threads)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
     ckpt = open_checkpoint(cfg.model)
     check_fits(ckpt, par, cfg)
     comm = init_distributed(par, rank, device)
@@ -137,22 +136,11 @@ class DriverRunner:
         self.comm.close()
 
 
-def scheduler_config(cfg: EngineConfig, max_seq_len: int) -> SchedulerConfig:
-    """As engine.loader.engine_for_model builds it."""
-    return SchedulerConfig(
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        long_prefill_token_threshold=cfg.max_num_batched_tokens,
-        max_waiting=cfg.max_waiting,
-        max_model_len=min(cfg.max_model_len or max_seq_len, max_seq_len),
-    )
-
-
 def build_driver_engine(cfg: EngineConfig, par: ParallelConfig) -> LLMEngine:
     """Rank 0: an LLMEngine whose forward passes run on all model-parallel ranks."""
     r = build_rank(cfg, par, 0)
     runner = DriverRunner(r.runner, r.comm)
-    sched = scheduler_config(cfg, r.ckpt.config.max_seq_len)
+    sched = cfg.scheduler.for_model(r.ckpt.config.max_seq_len)
     return LLMEngine(runner, load_tokenizer(r.ckpt), r.num_blocks, cfg.cache, sched)
 
 

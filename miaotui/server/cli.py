@@ -6,7 +6,6 @@ ParallelConfig and runs the ranks or replicas."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -59,7 +58,7 @@ def serve_one(a: argparse.Namespace) -> None:
     from miaotui.loader import build_engine
     from miaotui.server.openai import ServerConfig, create_app
 
-    cfg = dataclasses.replace(engine_config(a), max_waiting=a.max_waiting)
+    cfg = engine_config(a, max_waiting=a.max_waiting)
     name = a.served_model_name or (a.model or "smollm2-135m")
     engine = AsyncEngine(build_engine(cfg), name)
     app = create_app(engine, ServerConfig(model_name=name, api_key=a.api_key))
