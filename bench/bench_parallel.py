@@ -41,7 +41,9 @@ def log(msg: str) -> None:
 
 
 def _cfg(threads: int) -> EngineConfig:
-    return EngineConfig(threads=threads, max_model_len=512, cache=CacheConfig(num_blocks=1024))
+    return EngineConfig.from_kwargs(
+        threads=threads, max_model_len=512, cache=CacheConfig(num_blocks=1024)
+    )
 
 
 def _summary(results, wall: float, n_gen: int) -> dict:
