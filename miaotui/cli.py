@@ -14,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from miaotui.cli_args import add_engine_args, add_sampling_args, engine_config, sampling_params
+from miaotui.cli_args import (
+    add_calibration_arg,
+    add_engine_args,
+    add_sampling_args,
+    engine_config,
+    sampling_params,
+)
 from miaotui.errors import MiaotuiError
 from miaotui.eval import cli as eval_cli
 from miaotui.server import cli as server_cli
@@ -139,6 +145,7 @@ def _transform_and_save(a: argparse.Namespace, spec: str) -> None:
 
     from miaotui.load.open import load_tokenizer, open_checkpoint
     from miaotui.model.build import build_model
+    from miaotui.transforms.calibrate import CalibrationConfig
     from miaotui.transforms.checkpoint import save_transformed
     from miaotui.transforms.pipeline import apply_transforms
     from miaotui.transforms.spec import TransformContext, parse_specs
@@ -149,7 +156,8 @@ def _transform_and_save(a: argparse.Namespace, spec: str) -> None:
     tokenizer = load_tokenizer(ckpt)
     progress = sys.stderr.isatty()
     model = build_model(ckpt, torch.device("cpu"), torch.float32, progress=progress)
-    model = apply_transforms(model, specs, TransformContext(tokenizer, progress=progress))
+    calibration = CalibrationConfig(text_path=a.calibration_text)
+    model = apply_transforms(model, specs, TransformContext(tokenizer, calibration, progress))
     save_transformed(model, ckpt, a.output, specs_text)
     print(f"miaotui: wrote {a.output} ({specs_text})", file=sys.stderr)
 
@@ -163,6 +171,7 @@ def _add_transform_commands(sub) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric int4 (scale + offset)")
     p.add_argument("--then", default="", help="more transforms after this one (spec string)")
     p.add_argument("-o", "--output", type=Path, required=True)
+    add_calibration_arg(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("prune", help="prune weights, N:M, layers, heads or MLP channels")
@@ -176,6 +185,7 @@ def _add_transform_commands(sub) -> None:
     p.add_argument("--no-recover", action="store_true", help="structured: skip least squares")
     p.add_argument("--then", default="", help="e.g. int4-rtn-g32 to quantize after pruning")
     p.add_argument("-o", "--output", type=Path, required=True)
+    add_calibration_arg(p)
     p.set_defaults(func=cmd_prune)
 
 
@@ -229,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     except MiaotuiError as e:
         print(f"miaotui: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("miaotui"):
+            raise  # our own code is broken: the traceback says where
+        print(
+            f"miaotui: error: `{args.command}` needs the package {e.name!r}: {e}", file=sys.stderr
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

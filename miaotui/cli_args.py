@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from miaotui.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig
 from miaotui.sampling_params import SamplingParams
+
+# A novel, so that evaluation on wiki text never sees the calibration data. A CLI default only:
+# the library takes no data path it was not given.
+DEFAULT_CALIBRATION_TEXT = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/text/austen_pride_and_prejudice.txt"
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +52,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="quantize/prune at load, e.g. int4-gptq-g64 or prune-wanda-0.5+int8",
     )
+    add_calibration_arg(p)
+
+
+def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calibration-text",
+        type=Path,
+        default=DEFAULT_CALIBRATION_TEXT,
+        help="plain text that calibrated transforms (gptq, awq, smoothquant, wanda, sparsegpt) "
+        "read (default: the shared novel)",
+    )
 
 
 def engine_config(a: argparse.Namespace, progress: bool = True, **scheduler: Any) -> EngineConfig:
@@ -54,6 +72,7 @@ def engine_config(a: argparse.Namespace, progress: bool = True, **scheduler: Any
         model=a.model,
         weights=a.weights,
         transforms=a.transforms,
+        calibration_text=str(a.calibration_text),
         progress=progress and sys.stderr.isatty(),
         device=DeviceConfig(device=a.device, dtype=a.dtype, threads=a.threads),
         cache=CacheConfig(

@@ -296,6 +296,9 @@ class EngineConfig:
     "float": every tensor is decoded to `device.dtype` at load."""
     transforms: str = ""
     """Quantize/prune specs applied at load, joined by "+" (see transforms/pipeline.py)."""
+    calibration_text: str | None = None
+    """Plain-text file the calibrated load-time transforms read (GPTQ, AWQ, SmoothQuant, Wanda,
+    SparseGPT); None: they refuse to run. The CLI gives a default, the library does not."""
     progress: bool = False
     """Show progress bars while loading."""
     device: DeviceConfig = field(default_factory=DeviceConfig)

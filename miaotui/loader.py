@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from miaotui.config import EngineConfig
 from miaotui.device import resolve_device, resolve_dtype, setup_threads
@@ -42,12 +43,15 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
     if not cfg.transforms:
         return build_model(ckpt, device, dtype, cfg.weights, progress=cfg.progress)
+    from miaotui.transforms.calibrate import CalibrationConfig
     from miaotui.transforms.pipeline import apply_transforms
     from miaotui.transforms.spec import TransformContext, parse_specs
 
     specs = parse_specs(cfg.transforms)  # fail fast on a bad spec, before loading
     model = build_model(ckpt, device, dtype, "float", progress=cfg.progress)
-    return apply_transforms(model, specs, TransformContext(tokenizer, progress=cfg.progress))
+    text = Path(cfg.calibration_text) if cfg.calibration_text else None
+    ctx = TransformContext(tokenizer, CalibrationConfig(text_path=text), cfg.progress)
+    return apply_transforms(model, specs, ctx)
 
 
 def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineConfig) -> LLMEngine:

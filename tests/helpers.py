@@ -24,6 +24,8 @@ from miaotui.model.kv_cache import KVCache
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+CALIBRATION_TEXT = SHARED / "data" / "text" / "austen_pride_and_prejudice.txt"
+"""What calibrated transforms read in the tests (the CLI's default; the library has none)."""
 
 
 def default_model_path() -> Path:

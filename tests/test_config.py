@@ -93,3 +93,21 @@ def test_llm_takes_the_config_or_flat_arguments(tiny_chat_gguf, monkeypatch):
             LLM(cfg, max_model_len=32)
     finally:
         torch.set_num_threads(before)
+
+
+def test_data_paths_and_env_are_cli_defaults(monkeypatch):
+    import argparse
+
+    from miaotui.cli_args import DEFAULT_CALIBRATION_TEXT, add_engine_args, engine_config
+    from miaotui.transforms.calibrate import CalibrationConfig, calibration_windows
+
+    assert EngineConfig().calibration_text is None and CalibrationConfig().text_path is None
+    with pytest.raises(InvalidRequestError, match="--calibration-text PATH"):
+        calibration_windows(None, CalibrationConfig())
+    monkeypatch.setenv("MIAOTUI_THREADS", "3")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    cfg = engine_config(parser.parse_args([]), max_waiting=7)
+    assert cfg.calibration_text == str(DEFAULT_CALIBRATION_TEXT)
+    assert DEFAULT_CALIBRATION_TEXT.is_file()
+    assert cfg.device.threads == 3 and cfg.scheduler.max_waiting == 7

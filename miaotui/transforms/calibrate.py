@@ -2,8 +2,8 @@
 the calibrated transforms need (GPTQ/SparseGPT Hessians, AWQ input samples, SmoothQuant and
 Wanda per-channel statistics) and, per decoder block, hidden states in and out (layer pruning).
 
-Calibration text defaults to a novel (austen_pride_and_prejudice.txt) so that evaluation on
-wiki_dev.txt never sees its own data."""
+The calibration text is given by the caller (the CLI defaults it to a novel,
+austen_pride_and_prejudice.txt, so that evaluation on wiki_dev.txt never sees its own data)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from miaotui.errors import InvalidRequestError
 from miaotui.model.standalone import forward_sequences
 from miaotui.model.transformer import Transformer
-
-DEFAULT_CALIBRATION_TEXT = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "data"
-    / "text"
-    / "austen_pride_and_prejudice.txt"
-)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """What to run and what to keep."""
 
-    text_path: Path = DEFAULT_CALIBRATION_TEXT
-    """Plain text file read in place."""
+    text_path: Path | None = None
+    """Plain text file read in place; None: none given (calibrated transforms refuse to run)."""
     num_windows: int = 16
     """Number of token windows."""
     window: int = 256
@@ -79,6 +72,12 @@ class Calibration:
 
 def calibration_windows(tokenizer, cfg: CalibrationConfig) -> list[list[int]]:
     """`num_windows` consecutive windows of `window` tokens from the calibration text."""
+    if cfg.text_path is None:
+        raise InvalidRequestError(
+            "calibrated transforms (gptq, awq, smoothquant, wanda, sparsegpt, structured) need "
+            "calibration text: pass --calibration-text PATH, or CalibrationConfig(text_path=...)",
+            "calibration_text",
+        )
     text = Path(cfg.text_path).read_text(encoding="utf-8", errors="replace")
     need = cfg.num_windows * cfg.window
     ids = tokenizer.encode(text[: need * 8], add_special=False)

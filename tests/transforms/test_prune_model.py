@@ -23,7 +23,7 @@ from miaotui.transforms.checkpoint import save_transformed
 from miaotui.transforms.pipeline import apply_transforms
 from miaotui.transforms.prune import head_plan, prune_model, sparsify_model
 from miaotui.transforms.spec import PruneSpec, TransformContext, parse_spec, parse_specs
-from tests.helpers import SHARED
+from tests.helpers import CALIBRATION_TEXT, SHARED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,9 @@ class ByteTokenizer:
         return [b % VOCAB for b in text.encode()]
 
 
-CTX = TransformContext(ByteTokenizer(), CalibrationConfig(num_windows=8, window=64))
+CTX = TransformContext(
+    ByteTokenizer(), CalibrationConfig(CALIBRATION_TEXT, num_windows=8, window=64)
+)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from miaotui.transforms.calibrate import CalibrationConfig
 from miaotui.transforms.checkpoint import load_transformed, save_transformed
 from miaotui.transforms.pipeline import apply_transforms
 from miaotui.transforms.spec import TransformContext, parse_specs
-from tests.helpers import hf_model, save_hf_dir
+from tests.helpers import CALIBRATION_TEXT, hf_model, save_hf_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,9 @@ def tiny_dir(request, tmp_path_factory) -> Path:
 def transformed(hf_dir: Path, specs: str):
     ckpt = read_hf_dir(hf_dir)
     model = build_model(ckpt, torch.device("cpu"), torch.float32)
-    ctx = TransformContext(CharTokenizer(), CalibrationConfig(num_windows=4, window=64))
+    ctx = TransformContext(
+        CharTokenizer(), CalibrationConfig(CALIBRATION_TEXT, num_windows=4, window=64)
+    )
     return ckpt, apply_transforms(model, parse_specs(specs), ctx)
 
 
@@ -132,7 +134,9 @@ def test_pruned_shapes_differ_per_layer_and_reload(tiny_dir, tmp_path, then):
     model.layers = model.layers[:-1]  # as prune-layers does: fewer blocks, config to match
     model.config = dataclasses.replace(model.config, n_layers=n - 1)
     if then:
-        ctx = TransformContext(CharTokenizer(), CalibrationConfig(num_windows=2, window=64))
+        ctx = TransformContext(
+            CharTokenizer(), CalibrationConfig(CALIBRATION_TEXT, num_windows=2, window=64)
+        )
         model = apply_transforms(model, parse_specs(then), ctx)
     save_transformed(model, ckpt, tmp_path / "out", "manual-prune" + (f"+{then}" if then else ""))
     loaded, _ = load_transformed(tmp_path / "out")

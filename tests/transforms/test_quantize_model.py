@@ -22,7 +22,7 @@ from miaotui.transforms.calibrate import CalibrationConfig
 from miaotui.transforms.quant_math import quantize_int8, quantize_per_token_int8
 from miaotui.transforms.quantize import BLOCK_LINEARS, quantize_model
 from miaotui.transforms.spec import TransformContext, parse_spec
-from tests.helpers import SHARED, hf_model, save_hf_dir
+from tests.helpers import CALIBRATION_TEXT, SHARED, hf_model, save_hf_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +51,9 @@ class ByteTokenizer:
 
 
 def tiny_ctx() -> TransformContext:
-    return TransformContext(ByteTokenizer(), CalibrationConfig(num_windows=4, window=64))
+    return TransformContext(
+        ByteTokenizer(), CalibrationConfig(CALIBRATION_TEXT, num_windows=4, window=64)
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
@@ -178,7 +180,7 @@ def test_gptq_and_awq_beat_rtn_on_real_layers(smollm_path):
         return out[0]
 
     ref = hidden(model)
-    ctx = TransformContext(tok, CalibrationConfig(num_windows=4, window=256))
+    ctx = TransformContext(tok, CalibrationConfig(CALIBRATION_TEXT, num_windows=4, window=256))
     err = {}
     for method in ("rtn", "gptq", "awq"):
         q = quantize_model(copy.deepcopy(model), parse_spec(f"int4-{method}-g64"), ctx)
