@@ -152,3 +152,13 @@ def test_serve_declares_the_parallel_flags():
     a = build_parser().parse_args(["serve", "-tp", "2", "-pp", "1", "-dp", "1"])
     assert a.func is cmd_serve
     assert (a.tensor_parallel_size, a.pipeline_parallel_size, a.data_parallel_size) == (2, 1, 1)
+
+
+def test_a_missing_dependency_is_one_clear_line(monkeypatch, capsys):
+    from miaotui.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` now fails
+    assert main(["serve", "--threads", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("miaotui: error: `serve` needs the package 'uvicorn'"), err
+    assert len(err.splitlines()) == 1
