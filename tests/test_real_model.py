@@ -38,12 +38,12 @@ EOS = 2  # <|im_end|>, tokenizer.ggml.eos_token_id
 
 @pytest.fixture(scope="module")
 def float_llm(smollm_float) -> LLM:
-    return engine_variant(smollm_float)
+    return engine_variant(smollm_float, max_model_len=512)
 
 
 @pytest.fixture(scope="module")
 def native_llm(smollm_native) -> LLM:
-    return engine_variant(smollm_native)
+    return engine_variant(smollm_native, max_model_len=512)
 
 
 @pytest.fixture(scope="module")
