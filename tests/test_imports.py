@@ -124,12 +124,14 @@ def test_import_and_cli_parser_stay_light():
 
 
 @pytest.mark.slow
-def test_serving_the_default_model_natively_skips_transforms_and_dynamo():
+def test_generating_with_the_default_model_skips_transforms_and_dynamo():
+    """The `miaotui generate` path: default model, native weights, a forward pass on the
+    kernels (their build imports torch.utils.cpp_extension, which must not pull dynamo in)."""
     loaded = _modules_after(
-        "from miaotui.config import EngineConfig\n"
-        "from miaotui.loader import build_engine\n"
-        "engine = build_engine(EngineConfig.from_kwargs(weights='native', threads=1, max_model_len=256))\n"
-        "assert engine.runner.model is not None"
+        "from miaotui import LLM, SamplingParams\n"
+        "llm = LLM(weights='native', threads=1, max_model_len=256)\n"
+        "out = llm.generate(['Hello'], SamplingParams(max_tokens=2))\n"
+        "assert len(out[0].token_ids) == 2"
     )
     assert not loaded["miaotui.transforms"]
     assert not loaded["torch._dynamo"] and not loaded["sympy"]
