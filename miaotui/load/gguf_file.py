@@ -1,5 +1,5 @@
-"""GGUF model files, memory-mapped through the `gguf` package: metadata -> ModelConfig,
-tensor names -> ours (names.py), tensor bytes left in place until a layer is built."""
+"""GGUF model files, memory-mapped (gguf_parse.py): metadata -> ModelConfig, tensor names ->
+ours (names.py), tensor bytes left in place until a layer is built."""
 
 from __future__ import annotations
 
@@ -13,35 +13,18 @@ import torch
 from miaotui.config import ModelConfig, RopeScaling
 from miaotui.errors import ModelFormatError, UnsupportedModelError
 from miaotui.load.checkpoint import Checkpoint, TensorSource
+from miaotui.load.gguf_parse import GGUFTensor, read_header
 from miaotui.load.names import gguf_to_ours
 
 log = logging.getLogger(__name__)
-GGUF_MAGIC = b"GGUF"
 
 
 def read_gguf(path: Path) -> Checkpoint:
     """Open a GGUF file; raises ModelFormatError / UnsupportedModelError with a readable reason."""
-    import gguf
-
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelFormatError(f"cannot read {path}: {e.strerror or e}") from e
-    if magic != GGUF_MAGIC:
-        raise ModelFormatError(
-            f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')"
-        )
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the gguf package raises ValueError/IndexError/... on bad files
-        raise ModelFormatError(
-            f"{path} is a corrupt or truncated GGUF file ({path.stat().st_size} bytes; "
-            f"the gguf reader says: {e})"
-        ) from e
-    meta = {name: _field_value(f) for name, f in reader.fields.items()}
+    header = read_header(path)
+    meta = header.metadata
     config = config_from_gguf(meta)
-    tensors = _tensors(reader, config)
+    tensors = _tensors(header.tensors, config)
     _check_complete(tensors, config, path)
     config = replace(config, tie_embeddings="output.weight" not in tensors)
     return Checkpoint(
@@ -52,13 +35,6 @@ def read_gguf(path: Path) -> Checkpoint:
         tokenizer_source={k: v for k, v in meta.items() if k.startswith("tokenizer.")},
         metadata={k: v for k, v in meta.items() if k.startswith("general.") and _is_small(v)},
     )
-
-
-def _field_value(field) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # an unreadable field is not fatal unless we need it
-        return None
 
 
 def _is_small(v: Any) -> bool:
@@ -135,17 +111,19 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> RopeScaling:
     return RopeScaling()
 
 
-def _tensors(reader, config: ModelConfig) -> dict[str, TensorSource]:
+def _tensors(file_tensors: list[GGUFTensor], config: ModelConfig) -> dict[str, TensorSource]:
     out: dict[str, TensorSource] = {}
-    for t in reader.tensors:
+    for t in file_tensors:
         name = gguf_to_ours(t.name)
         if name is None:
             log.debug("ignoring GGUF tensor %s", t.name)
             continue
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if name in out:
+            raise ModelFormatError(f"GGUF file has tensor {t.name} twice")
+        shape = tuple(int(s) for s in reversed(t.dims))
         if len(shape) == 2 and shape[0] == 1 and len(t.data.shape) == 1:
             shape = (shape[1],)
-        src = TensorSource(shape=_squeeze(shape), qtype=t.tensor_type.name, data=t.data)
+        src = TensorSource(shape=_squeeze(shape), qtype=t.qtype, data=t.data)
         if config.arch == "llama" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = config.n_heads if ".wq." in name else config.n_kv_heads
             src.row_perm = unpermute_rows(src.shape[0], heads)

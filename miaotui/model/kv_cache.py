@@ -10,7 +10,11 @@ import torch
 
 
 class KVCache:
-    """K and V for every layer: (num_slots, KVH, D) each, in the model dtype."""
+    """K and V for every layer: (num_slots, KVH, D) each, in the model dtype.
+
+    Allocated uninitialised, so pages are only backed by memory once a token's K/V lands on
+    them (the cache costs what the running requests use, not its configured size). Slot 0 is
+    zeroed: padded attention rows point at it and must read finite values."""
 
     def __init__(
         self,
@@ -22,8 +26,10 @@ class KVCache:
         device: torch.device,
     ):
         shape = (num_slots, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        for t in self.k + self.v:
+            t[0].zero_()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """slots: (N,); k, v: (N, KVH, D)."""

@@ -17,14 +17,12 @@ BLOCK = 16
 def forward_sequences(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Logits (T_i, V) float32 for every position of every sequence, computed as one batch."""
     c = model.config
-    dtype = model.norm.weight.dtype
-    device = model.rotary.cos.device
+    n_kv, dtype, device = model.kv_spec()
     tables, next_block = [], 1  # block 0 is the padding block
     for s in seqs:
         n = -(-len(s) // BLOCK)
         tables.append(list(range(next_block, next_block + n)))
         next_block += n
-    n_kv = model.layers[0].attention.n_kv_heads
     cache = KVCache(c.n_layers, next_block * BLOCK, n_kv, c.head_dim, dtype, device)
     meta = build_attention_metadata(
         [0] * len(seqs), [len(s) for s in seqs], tables, BLOCK, c.sliding_window, device

@@ -61,6 +61,11 @@ class Transformer(nn.Module):
                 type(config.rope_scaling)(),
             )
 
+    def kv_spec(self) -> tuple[int, torch.dtype, torch.device]:
+        """(KV heads held here, dtype, device) of the KV cache this model reads: fewer heads than
+        the config's under tensor parallelism."""
+        return self.layers[0].attention.n_kv_heads, self.norm.weight.dtype, self.rotary.cos.device
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,314 @@
+// The ISA-specific half of native_step.cpp: dot products of GGUF weight blocks with int8
+// activations, and the vector math of one decoder step. Included twice by native_step.cpp,
+// once per target (AVX2 + FMA + F16C, and the same with AVX-512 VNNI on 256-bit vectors), each
+// time inside its own namespace and `#pragma GCC target` region. No include guard on purpose.
+//
+// Numerics are fixed per (weight row, activation row): blocks are accumulated in file order into
+// one fp32 vector and reduced the same way whatever the tile shape, batch size or thread split,
+// so a token's logits do not depend on what else runs in its batch.
+
+// ---------------------------------------------------------------------------------------------
+// Small vector helpers.
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// sum over 32 lanes of u8 * s8 products, as 8 int32 lanes.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if MIAOTUI_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+// 16 packed bytes -> 32 codes 0..15: element j in the low nibble of byte j, j + 16 in the high
+// nibble (GGUF Q4_0 / Q4_1 order).
+inline __m256i nibbles(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+// exp(x) for x <= 0 (softmax, silu): 2^(x log2 e) as 2^n * p(f), p a degree-6 polynomial
+// (|rel. error| < 2e-7 on [-87, 0]); below -87 (and -inf) the result is 0.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+  const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, n);  // [-0.5, 0.5]
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+}
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations quantized per 32-block to int8 (llama.cpp's Q8_1): x ~= d * q, s = d * sum(q).
+
+inline void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    const __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+    const __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+    m = _mm256_max_ps(m, _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    const float amax = hmax(m);
+    const float db = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    constexpr int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), rnd));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), rnd));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), rnd));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), rnd));
+    const int32_t isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+    i0 = _mm256_packs_epi32(i0, i1);  // packs work per 128-bit lane; the permute restores order
+    i2 = _mm256_packs_epi32(i2, i3);
+    i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), i0);
+    d[b] = db;
+    s[b] = db * static_cast<float>(isum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// R weight rows x T activation rows over the whole K, one fp32 accumulator per (row, act row).
+// Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q8_0: w = d q. Per block b:
+//   sum_k w_k x_k = d_w d_x sum(q * xq) + m_w s_x      (m_w = -8 d_w for Q4_0, 0 for Q8_0),
+// the integer sums accumulated per block in the inner loop, the m_w s_x term afterwards as one
+// dot product over the blocks. The row scales are decoded once per row, not once per act row.
+
+constexpr int64_t MAX_BLOCKS = 512;  // K <= 16384
+
+template <int QT, int R>
+inline void decode_scales(const uint8_t* w, int64_t rb, int64_t nb, float (*wd)[MAX_BLOCKS], float (*wm)[MAX_BLOCKS]) {
+  constexpr int64_t BS = block_bytes(QT);
+  for (int r = 0; r < R; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = w + r * rb + b * BS;
+      wd[r][b] = half_to_float(blk);
+      if constexpr (QT == QT_Q4_1) wm[r][b] = half_to_float(blk + 2);
+      if constexpr (QT == QT_Q4_0) wm[r][b] = -8.0f * wd[r][b];
+    }
+}
+
+template <int QT, int R, int T>
+inline void dot_tile(const uint8_t* w, int64_t rb, const int8_t* xq, const float* xd, const float* xs, int64_t K,
+                     int64_t nb, const float (*wd)[MAX_BLOCKS], const float (*wm)[MAX_BLOCKS], float* res) {
+  constexpr int64_t BS = block_bytes(QT);
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + r * rb + b * BS;
+      if constexpr (QT == QT_Q8_0) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        const __m256i u = _mm256_sign_epi8(q, q);  // |q| as u8 (|-128| = 128 fits)
+        for (int t = 0; t < T; ++t) {
+          const __m256i p = dot_u8s8(u, _mm256_sign_epi8(xv[t], q));
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd[r][b] * xd[t * nb + b]), acc[r][t]);
+        }
+      } else {
+        const __m256i u = nibbles(blk + (QT == QT_Q4_1 ? 4 : 2));
+        for (int t = 0; t < T; ++t) {
+          const __m256i p = dot_u8s8(u, xv[t]);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd[r][b] * xd[t * nb + b]), acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float m = 0.0f;
+      if constexpr (QT != QT_Q8_0) m = dot_f32(wm[r], xs + t * nb, nb);
+      res[r * T + t] = hsum(acc[r][t]) + m;
+    }
+}
+
+// Tile sizes: 16 ymm registers on AVX2 hold a 4 x 2 tile; AVX-512VL has 32 for 4 x 4.
+#if MIAOTUI_VNNI
+constexpr int TILE_T = 4;
+#else
+constexpr int TILE_T = 2;
+#endif
+constexpr int TILE_R = 4;
+
+template <int QT, int R>
+inline void rows_x_acts(const uint8_t* w, int64_t rb, const QuantActs& a, int64_t r0, float* out, int64_t ldo,
+                        const float* bias) {
+  const int64_t K = a.K, nb = K / QK;
+  float wd[R][MAX_BLOCKS], wm[R][MAX_BLOCKS];
+  decode_scales<QT, R>(w, rb, nb, wd, wm);
+  float res[TILE_R * TILE_T];
+  for (int64_t t0 = 0; t0 < a.N; t0 += TILE_T) {
+    const int64_t nt = std::min<int64_t>(TILE_T, a.N - t0);
+    const int8_t* xq = a.q.data() + t0 * K;
+    const float* xd = a.d.data() + t0 * nb;
+    const float* xs = a.s.data() + t0 * nb;
+    int T = static_cast<int>(nt);
+    switch (T) {
+#define MIAOTUI_T_CASE(TT) \
+  case TT:                 \
+    if constexpr (TT <= TILE_T) dot_tile<QT, R, TT>(w, rb, xq, xd, xs, K, nb, wd, wm, res); \
+    break;
+      MIAOTUI_T_CASE(1)
+      MIAOTUI_T_CASE(2)
+      MIAOTUI_T_CASE(3)
+      MIAOTUI_T_CASE(4)
+#undef MIAOTUI_T_CASE
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t)
+        out[(t0 + t) * ldo + r0 + r] = res[r * T + t] + (bias ? bias[r0 + r] : 0.0f);
+  }
+}
+
+// Rows [m0, m1) of y (N, ldo) = x W^T (+ bias) for one weight.
+template <int QT>
+void linear_rows_qt(const Weight& W, const QuantActs& a, int64_t m0, int64_t m1, float* out, int64_t ldo,
+                    const float* bias) {
+  const uint8_t* base = W.data;
+  int64_t r = m0;
+  for (; r + TILE_R <= m1; r += TILE_R) rows_x_acts<QT, TILE_R>(base + r * W.row_bytes, W.row_bytes, a, r, out, ldo, bias);
+  for (; r < m1; ++r) rows_x_acts<QT, 1>(base + r * W.row_bytes, W.row_bytes, a, r, out, ldo, bias);
+}
+
+void linear_rows(const Weight& W, const QuantActs& a, int64_t m0, int64_t m1, float* out, int64_t ldo,
+                 const float* bias) {
+  switch (W.qtype) {
+    case QT_Q4_0: linear_rows_qt<QT_Q4_0>(W, a, m0, m1, out, ldo, bias); break;
+    case QT_Q4_1: linear_rows_qt<QT_Q4_1>(W, a, m0, m1, out, ldo, bias); break;
+    case QT_Q8_0: linear_rows_qt<QT_Q8_0>(W, a, m0, m1, out, ldo, bias); break;
+  }
+}
+
+void quantize_rows(const float* x, int64_t n0, int64_t n1, QuantActs& a) {
+  const int64_t K = a.K, nb = K / QK;
+  for (int64_t n = n0; n < n1; ++n)
+    quantize_row(x + n * K, K, a.q.data() + n * K, a.d.data() + n * nb, a.s.data() + n * nb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise pieces of a decoder block.
+
+
+// y = x / rms(x) * w over one row of C values (C % 8 == 0).
+void rms_norm_row(const float* x, const float* w, float eps, int64_t C, float* y) {
+  const float ms = dot_f32(x, x, C) / static_cast<float>(C);
+  const __m256 r = _mm256_set1_ps(1.0f / std::sqrt(ms + eps));
+  for (int64_t i = 0; i < C; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(w + i)));
+}
+
+// y = silu(g) * u, n % 8 == 0.
+void silu_mul(const float* g, const float* u, int64_t n, float* y) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    // silu(g) = g / (1 + e^-g); e^-g via e^-|g| keeps the exponent argument <= 0.
+    const __m256 e = exp_ps(_mm256_or_ps(gv, sign));  // e^-|g|
+    const __m256 neg = _mm256_cmp_ps(gv, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 sig = _mm256_blendv_ps(_mm256_div_ps(one, _mm256_add_ps(one, e)),
+                                        _mm256_div_ps(e, _mm256_add_ps(one, e)), neg);
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+  }
+}
+
+// Rotate-half RoPE (NeoX / HF layout) of n_heads heads of D values in place.
+void rope_heads(float* x, int64_t n_heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    float* v = x + h * D;
+    for (int64_t i = 0; i < half; i += 8) {
+      const __m256 x1 = _mm256_loadu_ps(v + i), x2 = _mm256_loadu_ps(v + i + half);
+      const __m256 c1 = _mm256_loadu_ps(cos + i), s1 = _mm256_loadu_ps(sin + i);
+      const __m256 c2 = _mm256_loadu_ps(cos + i + half), s2 = _mm256_loadu_ps(sin + i + half);
+      _mm256_storeu_ps(v + i, _mm256_fnmadd_ps(x2, s1, _mm256_mul_ps(x1, c1)));
+      _mm256_storeu_ps(v + i + half, _mm256_fmadd_ps(x1, s2, _mm256_mul_ps(x2, c2)));
+    }
+  }
+}
+
+// One query head against its KV head's context, read from the paged cache in place:
+// out = softmax(scale * q K^T) V over the key slots `slots[0..n)`. `scores` has room for n.
+void attend_head(const float* q, const float* kc, const float* vc, int64_t kv_stride, const int64_t* slots, int64_t n,
+                 int64_t D, float scale, float* scores, float* out) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j < n; ++j) scores[j] = dot_f32(q, kc + slots[j] * kv_stride, D) * scale;
+  for (j = 0; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(scores + j));
+  float m = hmax(mx);
+  for (; j < n; ++j) m = std::max(m, scores[j]);
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
+    _mm256_storeu_ps(scores + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  if (j < n) {  // tail through the same vector exp, padded with -inf (exp -> 0)
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? scores[j + i] - m : -INFINITY;
+    const __m256 e = exp_ps(_mm256_load_ps(tail));
+    _mm256_store_ps(tail, e);
+    for (int64_t i = 0; j + i < n; ++i) {
+      scores[j + i] = tail[i];
+      sum += tail[i];
+    }
+  }
+  const float inv = 1.0f / sum;
+  __m256 acc[MAX_HEAD_DIM / 8];
+  const int64_t nv = D / 8;
+  for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 p = _mm256_set1_ps(scores[i]);
+    const float* v = vc + slots[i] * kv_stride;
+    for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  }
+  for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+}

@@ -1,0 +1,592 @@
+// The whole forward pass of a llama-family decoder in one native call per step, over GGUF weight
+// blocks read in place (memory-mapped) and a paged KV cache read in place.
+//
+// Per step, for N packed tokens (prefill chunks and decode tokens alike) and every layer:
+//   rms_norm -> quantize to int8 blocks -> q|k|v (one pool job) -> rope, write K/V slots ->
+//   attention per (token, head) over the token's context slots -> o -> + residual ->
+//   rms_norm -> quantize -> gate|up (one job) -> silu * up -> quantize -> down -> + residual,
+// then the final norm and the output head for the rows that are sampled.
+//
+// Weights stay in their GGUF block encodings (Q4_0, Q4_1, Q8_0): the bytes llama.cpp reads, with
+// fp16 scales inside each block. Activations are quantized per 32-block to int8 (llama.cpp's
+// Q8_1) so every block is an integer dot product. Two instruction sets are compiled from
+// native_isa.h: AVX2 (maddubs + madd) and AVX-512 VNNI on 256-bit vectors (dpbusd), chosen at
+// run time; both give bit-identical results (integer sums are exact, the fp32 order is fixed).
+//
+// Threads: a persistent pool. Work is split into small items claimed from one atomic counter, so
+// a thread that the OS deschedules delays only the item it holds; idle workers spin ~50 us and
+// then sleep on a futex, so a busy machine is not fought over.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace miaotui {
+
+constexpr int64_t QK = 32;  // values per block, weights and activations
+constexpr int64_t MAX_HEAD_DIM = 256;
+// GGML type ids (ggml.h enum ggml_type).
+constexpr int QT_F32 = 0, QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8;
+
+constexpr int64_t block_bytes(int qt) {
+  // Q4_0: fp16 d + 16 B nibbles; Q4_1: fp16 d, fp16 m + 16 B; Q8_0: fp16 d + 32 int8 (GGUF spec)
+  return qt == QT_Q4_0 ? 18 : qt == QT_Q4_1 ? 20 : qt == QT_Q8_0 ? 34 : 0;
+}
+
+bool is_block_type(int qt) { return block_bytes(qt) > 0; }
+
+// A weight matrix (M, K) in GGUF blocks: row r is K/32 blocks at data + r * row_bytes.
+struct Weight {
+  at::Tensor keep;  // owns (or views) the bytes
+  const uint8_t* data = nullptr;
+  int64_t rows = 0, cols = 0, row_bytes = 0;
+  int qtype = 0;
+};
+
+Weight make_weight(const at::Tensor& t, int64_t qtype, int64_t cols, const char* name) {
+  TORCH_CHECK(is_block_type(static_cast<int>(qtype)), name, ": unsupported GGML type ", qtype,
+              " (native step: Q4_0, Q4_1, Q8_0)");
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kByte && t.is_contiguous(), name,
+              " must be a contiguous uint8 (rows, row_bytes) tensor");
+  TORCH_CHECK(cols % QK == 0 && t.size(1) == cols / QK * block_bytes(static_cast<int>(qtype)), name, ": ",
+              t.size(1), " bytes per row do not hold ", cols, " values of type ", qtype);
+  TORCH_CHECK(cols <= QK * 512, name, ": K = ", cols, " is above the native step's limit of 16384");
+  return Weight{t, t.data_ptr<uint8_t>(), t.size(0), cols, t.size(1), static_cast<int>(qtype)};
+}
+
+// Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) (N, K/32).
+struct QuantActs {
+  int64_t N = 0, K = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  void resize(int64_t n, int64_t k) {
+    N = n;
+    K = k;
+    q.resize(n * k);
+    d.resize(n * k / QK);
+    s.resize(n * k / QK);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: one job at a time, items claimed by CAS on (generation << 32 | next item).
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) : size_(std::max(1, threads)) {
+    for (int i = 1; i < size_; ++i) workers_.emplace_back([this] { worker(); });
+  }
+  ~ThreadPool() {
+    stop_.store(true);
+    epoch_.fetch_add(1);
+    epoch_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  int size() const { return size_; }
+
+  // f(i) for i in [0, n), on all threads; returns when every item is done.
+  template <class F>
+  void run(int64_t n, F&& f) {
+    if (size_ == 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    using Fn = std::remove_reference_t<F>;
+    ctx_ = const_cast<void*>(static_cast<const void*>(&f));
+    call_ = [](void* c, int64_t i) { (*static_cast<Fn*>(c))(i); };
+    total_ = n;
+    done_.store(0, std::memory_order_relaxed);
+    ++gen_;
+    claim_.store(static_cast<uint64_t>(gen_) << 32, std::memory_order_release);
+    epoch_.fetch_add(1);
+    if (sleepers_.load() > 0) epoch_.notify_all();
+    work(gen_);
+    wait_done(n);
+  }
+
+ private:
+  void work(uint32_t g) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    while (static_cast<uint32_t>(v >> 32) == g) {
+      const int64_t i = static_cast<int64_t>(v & 0xffffffffu);
+      if (i >= total_) return;
+      if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        call_(ctx_, i);
+        done_.fetch_add(1, std::memory_order_release);
+        v = claim_.load(std::memory_order_acquire);
+      }
+    }
+  }
+
+  void wait_done(int64_t n) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      _mm_pause();
+      // A worker holding an item may have been descheduled: after ~50 us, give the core away.
+      if ((spins & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50))
+        sched_yield();
+    }
+  }
+
+  void worker() {
+    uint32_t seen = 0;
+    while (!stop_.load()) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int spins = 0;; ++spins) {
+        const uint32_t g = static_cast<uint32_t>(claim_.load(std::memory_order_acquire) >> 32);
+        if (stop_.load()) return;
+        if (g != seen) {
+          seen = g;
+          work(g);
+          break;
+        }
+        _mm_pause();
+        if ((spins & 255) != 255) continue;
+        if (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(SPIN_US)) continue;
+        const uint32_t e = epoch_.load();
+        sleepers_.fetch_add(1);
+        if (static_cast<uint32_t>(claim_.load() >> 32) == seen && !stop_.load()) epoch_.wait(e);
+        sleepers_.fetch_sub(1);
+        t0 = std::chrono::steady_clock::now();
+      }
+    }
+  }
+
+  static constexpr int SPIN_US = 50;
+  const int size_;
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<uint32_t> epoch_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  uint32_t gen_ = 0;
+  int64_t total_ = 0;
+  void* ctx_ = nullptr;
+  void (*call_)(void*, int64_t) = nullptr;
+};
+
+}  // namespace miaotui
+
+// ---------------------------------------------------------------------------------------------
+// The two instruction sets.
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace miaotui::avx2 {
+#define MIAOTUI_VNNI 0
+#include "native_isa.h"
+#undef MIAOTUI_VNNI
+}  // namespace miaotui::avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace miaotui::vnni {
+#define MIAOTUI_VNNI 1
+#include "native_isa.h"
+#undef MIAOTUI_VNNI
+}  // namespace miaotui::vnni
+#pragma GCC pop_options
+
+namespace miaotui {
+
+struct Kernels {
+  const char* name;
+  void (*linear_rows)(const Weight&, const QuantActs&, int64_t, int64_t, float*, int64_t, const float*);
+  void (*quantize_rows)(const float*, int64_t, int64_t, QuantActs&);
+  void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
+  void (*silu_mul)(const float*, const float*, int64_t, float*);
+  void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
+  void (*attend_head)(const float*, const float*, const float*, int64_t, const int64_t*, int64_t, int64_t, float,
+                      float*, float*);
+};
+
+#define MIAOTUI_KERNELS(ns) \
+  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_head }
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+// "auto": the best this CPU runs; "avx2" / "vnni" force one (tests compare them).
+Kernels pick_kernels(const std::string& isa) {
+  if (isa == "avx2") return MIAOTUI_KERNELS(avx2);
+  if (isa == "vnni") {
+    TORCH_CHECK(cpu_has_vnni(), "this CPU has no AVX-512 VNNI");
+    return MIAOTUI_KERNELS(vnni);
+  }
+  TORCH_CHECK(isa == "auto", "isa must be auto, avx2 or vnni, got ", isa);
+  return cpu_has_vnni() ? MIAOTUI_KERNELS(vnni) : MIAOTUI_KERNELS(avx2);
+}
+
+// One linear layer's rows split into pool items: (weight, row range, output, bias).
+struct LinearItem {
+  const Weight* w;
+  int64_t r0, r1;
+  float* out;
+  int64_t ldo;
+  const float* bias;
+};
+
+// Items of ~`rows` rows (a multiple of 4) for each (weight, out, ldo, bias), in order.
+void add_items(std::vector<LinearItem>& items, const Weight& w, float* out, int64_t ldo, const float* bias,
+               int64_t rows) {
+  for (int64_t r = 0; r < w.rows; r += rows)
+    items.push_back({&w, r, std::min(w.rows, r + rows), out, ldo, bias});
+}
+
+// Rows per item: enough items for balance (~16 per thread), few enough to keep claims cheap.
+int64_t item_rows(int64_t total_rows, int64_t n_acts, int threads) {
+  const int64_t target = std::max<int64_t>(1, threads * 16);
+  int64_t rows = total_rows / target;
+  if (n_acts >= 16) rows = std::max<int64_t>(rows, 16);
+  rows = std::clamp<int64_t>(rows, 16, 256);
+  return (rows + 3) / 4 * 4;
+}
+
+void run_linears(ThreadPool& pool, const Kernels& k, const QuantActs& a, std::vector<LinearItem>& items) {
+  pool.run(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    const LinearItem& it = items[i];
+    k.linear_rows(*it.w, a, it.r0, it.r1, it.out, it.ldo, it.bias);
+  });
+}
+
+void quantize_all(ThreadPool& pool, const Kernels& k, const float* x, int64_t N, int64_t K, QuantActs& a) {
+  a.resize(N, K);
+  constexpr int64_t ROWS = 8;
+  pool.run((N + ROWS - 1) / ROWS, [&](int64_t i) { k.quantize_rows(x, i * ROWS, std::min(N, (i + 1) * ROWS), a); });
+}
+
+// Row r of an embedding table -> K floats (any block type or F32 / F16).
+void embedding_row(const Weight& w, int64_t r, int64_t K, float* dst) {
+  const uint8_t* row = w.data + r * w.row_bytes;
+  if (w.qtype == QT_F32) {
+    std::memcpy(dst, row, K * sizeof(float));
+    return;
+  }
+  if (w.qtype == QT_F16) {
+    for (int64_t k = 0; k < K; ++k) {
+      uint16_t h;
+      std::memcpy(&h, row + 2 * k, 2);
+      dst[k] = _cvtsh_ss(h);
+    }
+    return;
+  }
+  const int64_t bs = block_bytes(w.qtype);
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const uint8_t* blk = row + b * bs;
+    uint16_t hd;
+    std::memcpy(&hd, blk, 2);
+    const float d = _cvtsh_ss(hd);
+    float* o = dst + b * QK;
+    if (w.qtype == QT_Q8_0) {
+      for (int j = 0; j < QK; ++j) o[j] = d * static_cast<float>(static_cast<int8_t>(blk[2 + j]));
+    } else {
+      float m = -8.0f * d;
+      const uint8_t* qs = blk + 2;
+      if (w.qtype == QT_Q4_1) {
+        uint16_t hm;
+        std::memcpy(&hm, blk + 2, 2);
+        m = _cvtsh_ss(hm);
+        qs = blk + 4;
+      }
+      for (int j = 0; j < QK / 2; ++j) {
+        o[j] = d * static_cast<float>(qs[j] & 0x0F) + m;
+        o[j + QK / 2] = d * static_cast<float>(qs[j] >> 4) + m;
+      }
+    }
+  }
+}
+
+struct Layer {
+  at::Tensor attn_norm, ffn_norm, bq, bk, bv;
+  Weight wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+at::Tensor f32_vector(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name,
+              " must be a contiguous float32 tensor of ", n, " values");
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+class NativeModel {
+ public:
+  NativeModel(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, int64_t vocab,
+              double eps, const at::Tensor& embed, int64_t embed_type, const at::Tensor& head, int64_t head_type,
+              const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t threads,
+              const std::string& isa)
+      : C_(dim), H_(n_heads), KVH_(n_kv_heads), D_(head_dim), F_(ffn), V_(vocab), eps_(static_cast<float>(eps)),
+        k_(pick_kernels(isa)), pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))) {
+    TORCH_CHECK(dim % QK == 0 && ffn % QK == 0 && (n_heads * head_dim) % QK == 0,
+                "native step needs dim, ffn and heads*head_dim to be multiples of 32");
+    TORCH_CHECK(head_dim % 16 == 0 && head_dim <= MAX_HEAD_DIM, "head_dim must be a multiple of 16, <= 256");
+    TORCH_CHECK(n_heads % n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads");
+    if (embed_type == QT_F32 || embed_type == QT_F16) {
+      TORCH_CHECK(embed.dim() == 2 && embed.size(1) == dim && embed.is_contiguous(), "embedding must be (V, C)");
+      embed_ = Weight{embed, static_cast<const uint8_t*>(embed.data_ptr()), embed.size(0), dim,
+                      dim * (embed_type == QT_F32 ? 4 : 2), static_cast<int>(embed_type)};
+    } else {
+      embed_ = make_weight(embed, embed_type, dim, "tok_embeddings");
+    }
+    head_ = make_weight(head, head_type, dim, "output");
+    TORCH_CHECK(head_.rows == vocab && embed_.rows == vocab, "embedding / output rows must equal vocab ", vocab);
+    final_norm_ = f32_vector(final_norm, dim, "norm.weight");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.size(1) == head_dim && cos.is_contiguous() &&
+                    sin.sizes() == cos.sizes() && sin.is_contiguous(),
+                "cos/sin must be contiguous float32 (max_len, head_dim)");
+    cos_ = cos;
+    sin_ = sin;
+  }
+
+  void add_layer(const py::dict& d) {
+    auto tensor = [&](const char* key) { return d[key].cast<at::Tensor>(); };
+    auto weight = [&](const char* key, int64_t cols) {
+      auto [t, qt] = d[key].cast<std::tuple<at::Tensor, int64_t>>();
+      return make_weight(t, qt, cols, key);
+    };
+    auto bias = [&](const char* key, int64_t n) {
+      return d.contains(key) && !d[key].is_none() ? f32_vector(tensor(key), n, key) : at::Tensor();
+    };
+    const int64_t qd = H_ * D_, kvd = KVH_ * D_;
+    Layer L;
+    L.attn_norm = f32_vector(tensor("attn_norm"), C_, "attn_norm");
+    L.ffn_norm = f32_vector(tensor("ffn_norm"), C_, "ffn_norm");
+    L.wq = weight("wq", C_);
+    L.wk = weight("wk", C_);
+    L.wv = weight("wv", C_);
+    L.wo = weight("wo", qd);
+    L.w_gate = weight("w_gate", C_);
+    L.w_up = weight("w_up", C_);
+    L.w_down = weight("w_down", F_);
+    TORCH_CHECK(L.wq.rows == qd && L.wk.rows == kvd && L.wv.rows == kvd && L.wo.rows == C_ && L.w_gate.rows == F_ &&
+                    L.w_up.rows == F_ && L.w_down.rows == C_,
+                "layer ", layers_.size(), ": weight shapes do not match the config");
+    L.bq = bias("bq", qd);
+    L.bk = bias("bk", kvd);
+    L.bv = bias("bv", kvd);
+    layers_.push_back(std::move(L));
+  }
+
+  void set_threads(int64_t threads) {
+    if (threads != pool_->size()) pool_ = std::make_unique<ThreadPool>(static_cast<int>(threads));
+  }
+  int64_t threads() const { return pool_->size(); }
+  std::string isa() const { return k_.name; }
+
+  // token_ids, positions, seq_index, slot_mapping: (N,); key_slots: (B, L) cache slot of every
+  // context position of each sequence; logits_index: (S,) rows to return logits for.
+  // k_cache[l], v_cache[l]: (num_slots, KVH, D) float32. Returns (S, V) float32 logits.
+  at::Tensor forward(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& seq_index,
+                     const at::Tensor& key_slots, const at::Tensor& slot_mapping, const at::Tensor& logits_index,
+                     const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
+    const int64_t N = token_ids.numel(), nl = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == nl && static_cast<int64_t>(v_cache.size()) == nl,
+                "need one K and one V cache tensor per layer (", nl, ")");
+    for (const auto* t : {&token_ids, &positions, &seq_index, &key_slots, &slot_mapping, &logits_index})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+    TORCH_CHECK(positions.numel() == N && seq_index.numel() == N && slot_mapping.numel() == N,
+                "token_ids, positions, seq_index and slot_mapping must have the same length");
+    TORCH_CHECK(key_slots.dim() == 2, "key_slots must be (B, L)");
+    const int64_t* ids = token_ids.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* seq = seq_index.data_ptr<int64_t>();
+    const int64_t* wslot = slot_mapping.data_ptr<int64_t>();
+    const int64_t* ks = key_slots.data_ptr<int64_t>();
+    const int64_t B = key_slots.size(0), L = key_slots.size(1);
+    const int64_t num_slots = k_cache.empty() ? 0 : k_cache[0].size(0);
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK(ids[n] >= 0 && ids[n] < V_, "token id ", ids[n], " out of range [0, ", V_, ")");
+      TORCH_CHECK(pos[n] >= 0 && pos[n] < L && pos[n] < cos_.size(0), "position ", pos[n], " out of range");
+      TORCH_CHECK(seq[n] >= 0 && seq[n] < B, "seq_index ", seq[n], " out of range");
+      TORCH_CHECK(wslot[n] >= 0 && wslot[n] < num_slots, "slot ", wslot[n], " out of range");
+    }
+    for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(ks[i] >= 0 && ks[i] < num_slots, "key slot out of range");
+    for (const auto& t : k_cache) check_cache(t, num_slots);
+    for (const auto& t : v_cache) check_cache(t, num_slots);
+
+    const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd;
+    x_.resize(N * C_);
+    h_.resize(N * C_);
+    qkv_.resize(N * qkvd);
+    attn_.resize(N * qd);
+    gu_.resize(N * 2 * F_);
+    act_.resize(N * F_);
+    ThreadPool& pool = *pool_;
+    pool.run(N, [&](int64_t n) { embedding_row(embed_, ids[n], C_, x_.data() + n * C_); });
+
+    const int T = pool.size();
+    for (int64_t l = 0; l < nl; ++l) {
+      const Layer& Ly = layers_[l];
+      float* kc = k_cache[l].data_ptr<float>();
+      float* vc = v_cache[l].data_ptr<float>();
+      // attention
+      norm_rows(x_.data(), Ly.attn_norm.data_ptr<float>(), N, h_.data());
+      quantize_all(pool, k_, h_.data(), N, C_, qa_);
+      items_.clear();
+      const int64_t rows = item_rows(qkvd, N, T);
+      add_items(items_, Ly.wq, qkv_.data(), qkvd, opt(Ly.bq), rows);
+      add_items(items_, Ly.wk, qkv_.data() + qd, qkvd, opt(Ly.bk), rows);
+      add_items(items_, Ly.wv, qkv_.data() + qd + kvd, qkvd, opt(Ly.bv), rows);
+      run_linears(pool, k_, qa_, items_);
+      pool.run(N, [&](int64_t n) {
+        float* q = qkv_.data() + n * qkvd;
+        const float* c = cos_.data_ptr<float>() + pos[n] * D_;
+        const float* s = sin_.data_ptr<float>() + pos[n] * D_;
+        k_.rope_heads(q, H_, D_, c, s);
+        k_.rope_heads(q + qd, KVH_, D_, c, s);
+        std::memcpy(kc + wslot[n] * kvd, q + qd, kvd * sizeof(float));
+        std::memcpy(vc + wslot[n] * kvd, q + qd + kvd, kvd * sizeof(float));
+      });
+      attention(pool, kc, vc, pos, seq, ks, L, N);
+      quantize_all(pool, k_, attn_.data(), N, qd, qa_);
+      items_.clear();
+      add_items(items_, Ly.wo, h_.data(), C_, nullptr, item_rows(C_, N, T));
+      run_linears(pool, k_, qa_, items_);
+      add_rows(x_.data(), h_.data(), N * C_);
+      // feed-forward
+      norm_rows(x_.data(), Ly.ffn_norm.data_ptr<float>(), N, h_.data());
+      quantize_all(pool, k_, h_.data(), N, C_, qa_);
+      items_.clear();
+      const int64_t frows = item_rows(2 * F_, N, T);
+      add_items(items_, Ly.w_gate, gu_.data(), 2 * F_, nullptr, frows);
+      add_items(items_, Ly.w_up, gu_.data() + F_, 2 * F_, nullptr, frows);
+      run_linears(pool, k_, qa_, items_);
+      pool.run(N, [&](int64_t n) { k_.silu_mul(gu_.data() + n * 2 * F_, gu_.data() + n * 2 * F_ + F_, F_, act_.data() + n * F_); });
+      quantize_all(pool, k_, act_.data(), N, F_, qa_);
+      items_.clear();
+      add_items(items_, Ly.w_down, h_.data(), C_, nullptr, item_rows(C_, N, T));
+      run_linears(pool, k_, qa_, items_);
+      add_rows(x_.data(), h_.data(), N * C_);
+    }
+    return logits(pool, logits_index);
+  }
+
+ private:
+  static const float* opt(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+  void check_cache(const at::Tensor& t, int64_t num_slots) const {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 && t.size(0) == num_slots &&
+                    t.size(1) == KVH_ && t.size(2) == D_,
+                "KV cache tensors must be contiguous float32 (num_slots, ", KVH_, ", ", D_, ")");
+  }
+
+  void norm_rows(const float* x, const float* w, int64_t N, float* y) {
+    pool_->run(N, [&](int64_t n) { k_.rms_norm_row(x + n * C_, w, eps_, C_, y + n * C_); });
+  }
+
+  static void add_rows(float* x, const float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+  }
+
+  // attn_ (N, H*D) <- softmax(q K^T / sqrt(D)) V for every (token, head), causal by position.
+  void attention(ThreadPool& pool, const float* kc, const float* vc, const int64_t* pos, const int64_t* seq,
+                 const int64_t* ks, int64_t L, int64_t N) {
+    const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
+    pool.run(N * H_, [&](int64_t i) {
+      const int64_t n = i / H_, h = i % H_, kvh = h / G;
+      thread_local std::vector<float> scores;
+      const int64_t ctx = pos[n] + 1;
+      if (static_cast<int64_t>(scores.size()) < ctx) scores.resize(ctx);
+      k_.attend_head(qkv_.data() + n * qkvd + h * D_, kc + kvh * D_, vc + kvh * D_, kvd, ks + seq[n] * L, ctx, D_,
+                     scale, scores.data(), attn_.data() + n * qd + h * D_);
+    });
+  }
+
+  at::Tensor logits(ThreadPool& pool, const at::Tensor& logits_index) {
+    const int64_t S = logits_index.numel();
+    at::Tensor out = at::empty({S, V_}, at::TensorOptions().dtype(at::kFloat));
+    if (S == 0) return out;
+    const int64_t* rows = logits_index.data_ptr<int64_t>();
+    const int64_t N = static_cast<int64_t>(x_.size()) / C_;
+    std::vector<float> hs(S * C_);
+    for (int64_t i = 0; i < S; ++i) {
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "logits_index ", rows[i], " out of range");
+      k_.rms_norm_row(x_.data() + rows[i] * C_, final_norm_.data_ptr<float>(), eps_, C_, hs.data() + i * C_);
+    }
+    quantize_all(pool, k_, hs.data(), S, C_, qa_);
+    items_.clear();
+    add_items(items_, head_, out.data_ptr<float>(), V_, nullptr, item_rows(V_, S, pool.size()));
+    run_linears(pool, k_, qa_, items_);
+    return out;
+  }
+
+  const int64_t C_, H_, KVH_, D_, F_, V_;
+  const float eps_;
+  const Kernels k_;
+  std::unique_ptr<ThreadPool> pool_;
+  Weight embed_, head_;
+  at::Tensor final_norm_, cos_, sin_;
+  std::vector<Layer> layers_;
+  // per-step scratch, reused
+  std::vector<float> x_, h_, qkv_, attn_, gu_, act_;
+  QuantActs qa_;
+  std::vector<LinearItem> items_;
+};
+
+// y (N, M) = x W^T (+ bias) for one GGUF block weight (tests and kernel benchmarks).
+class BlockLinear {
+ public:
+  BlockLinear(int64_t threads, const std::string& isa)
+      : k_(pick_kernels(isa)), pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))) {}
+  at::Tensor operator()(const at::Tensor& x_in, const at::Tensor& w_bytes, int64_t qtype, int64_t cols,
+                        const c10::optional<at::Tensor>& bias) {
+    const Weight w = make_weight(w_bytes, qtype, cols, "weight");
+    const at::Tensor x = x_in.reshape({-1, cols}).to(at::kFloat).contiguous();
+    const int64_t N = x.size(0);
+    at::Tensor b;
+    if (bias.has_value()) b = f32_vector(bias->to(at::kFloat).contiguous(), w.rows, "bias");
+    quantize_all(*pool_, k_, x.data_ptr<float>(), N, cols, qa_);
+    at::Tensor out = at::empty({N, w.rows}, x.options());
+    std::vector<LinearItem> items;
+    add_items(items, w, out.data_ptr<float>(), w.rows, b.defined() ? b.data_ptr<float>() : nullptr,
+              item_rows(w.rows, N, pool_->size()));
+    run_linears(*pool_, k_, qa_, items);
+    return out;
+  }
+  std::string isa() const { return k_.name; }
+
+ private:
+  const Kernels k_;
+  std::unique_ptr<ThreadPool> pool_;
+  QuantActs qa_;
+};
+
+}  // namespace miaotui
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace miaotui;
+  m.def("cpu_has_vnni", &cpu_has_vnni, "True when this CPU runs the AVX-512 VNNI kernels");
+  py::class_<NativeModel>(m, "NativeModel")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, const at::Tensor&, int64_t,
+                    const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                    const std::string&>())
+      .def("add_layer", &NativeModel::add_layer)
+      .def("forward", &NativeModel::forward, py::call_guard<py::gil_scoped_release>())
+      .def("set_threads", &NativeModel::set_threads)
+      .def_property_readonly("threads", &NativeModel::threads)
+      .def_property_readonly("isa", &NativeModel::isa);
+  py::class_<BlockLinear>(m, "BlockLinear")
+      .def(py::init<int64_t, const std::string&>())
+      .def("__call__", &BlockLinear::operator(), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("isa", &BlockLinear::isa);
+}

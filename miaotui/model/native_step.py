@@ -1,0 +1,219 @@
+"""GGUF weights served by one native call per step (kernels/native_step.cpp).
+
+The decoder's whole forward pass -- embedding, every layer's norm, q/k/v, RoPE, paged attention,
+o, MLP, the final norm and the output head -- runs in C++ over the GGUF weight blocks as they lie
+in the memory-mapped file (Q4_0, Q4_1, Q8_0), with a persistent thread pool. Python only packs
+the step's tokens. Nothing is decoded to float at load except the norm vectors and biases; the
+only copies are llama's q/k rows, put back into rotate-half order (`unpermute_rows`).
+
+`build_native_step` returns None, with the reason logged, for anything it does not cover
+(other block types such as Q4_K, gemma3's extra norms, sliding windows, soft-capping, a non-CPU
+device); the caller then builds the per-module model instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from miaotui.config import ModelConfig
+from miaotui.kernels.build import load_native
+from miaotui.load.checkpoint import Checkpoint, TensorSource
+from miaotui.model.attention import AttentionMetadata
+from miaotui.model.kv_cache import KVCache
+from miaotui.model.layers import Rotary
+
+log = logging.getLogger(__name__)
+
+# GGML type ids (ggml.h) the native step reads.
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+LINEARS = {
+    "wq": "attention.wq",
+    "wk": "attention.wk",
+    "wv": "attention.wv",
+    "wo": "attention.wo",
+    "w_gate": "feed_forward.w_gate",
+    "w_up": "feed_forward.w_up",
+    "w_down": "feed_forward.w_down",
+}
+
+
+class NativeStepModel:
+    """Stands where a `Transformer` does for the runner: `model(ids, meta, cache, rows)`."""
+
+    def __init__(self, config: ModelConfig, native, keep: list[torch.Tensor]):
+        self.config = config
+        self.native = native
+        self.n_kv_heads = config.n_kv_heads
+        self._keep = keep  # tensors the native model points into (file views, perm copies)
+
+    def kv_spec(self) -> tuple[int, torch.dtype, torch.device]:
+        """(KV heads, dtype, device) of the cache the native step reads: float32 on the CPU."""
+        return self.n_kv_heads, torch.float32, torch.device("cpu")
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The weight tensors (views of the file where possible), as nn.Module.parameters."""
+        return list(self._keep)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return []
+
+    @property
+    def isa(self) -> str:
+        """Instruction set the kernels run on here: "avx2" or "vnni"."""
+        return self.native.isa
+
+    @property
+    def threads(self) -> int:
+        return self.native.threads
+
+    def set_threads(self, n: int) -> None:
+        self.native.set_threads(n)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (N,) -> logits (S, V) of the rows in `logits_index` (all when None)."""
+        n = input_ids.shape[0]
+        if logits_index is None:
+            logits_index = torch.arange(n)
+        seq_index = meta.query_index // meta.max_query_len  # (N,) sequence of each token
+        return self.native.forward(
+            input_ids.contiguous(),
+            meta.positions.contiguous(),
+            seq_index.contiguous(),
+            meta.key_slots.contiguous(),
+            meta.slot_mapping.contiguous(),
+            logits_index.to(torch.long).contiguous(),
+            cache.k,
+            cache.v,
+        )
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+    ) -> None:
+        """Runs the step for its K/V writes only (a prefill chunk that samples nothing)."""
+        self(input_ids, meta, cache, torch.empty(0, dtype=torch.long))
+
+
+def unsupported_reason(ckpt: Checkpoint) -> str | None:
+    """Why the native step cannot serve this checkpoint, or None if it can."""
+    c = ckpt.config
+    if c.arch not in ("llama", "qwen2"):
+        return f"architecture {c.arch}"
+    extras = {
+        "q/k norms": c.qk_norm,
+        "sandwich norms": c.sandwich_norm,
+        "a sliding window": c.sliding_window is not None,
+        "logit soft-capping": bool(c.final_logit_softcap),
+        "an embedding scale": c.embed_scale != 1.0,
+        "a query scale": c.query_scale is not None,
+        f"activation {c.activation}": c.activation != "silu",
+    }
+    for what, present in extras.items():
+        if present:
+            return what
+    for name in _linear_names(c):
+        src = ckpt.tensors.get(name)
+        if src is None or src.qtype not in BLOCK_TYPES or isinstance(src.data, torch.Tensor):
+            return f"{name} is {src.qtype if src else 'missing'} (native step: {', '.join(BLOCK_TYPES)})"
+    head = ckpt.tensors.get("output.weight", ckpt.tensors.get("tok_embeddings.weight"))
+    if head is None or head.qtype not in BLOCK_TYPES:
+        return f"output head is {head.qtype if head else 'missing'}"
+    embed = ckpt.tensors.get("tok_embeddings.weight")
+    if embed is None or embed.qtype not in GGML_TYPES:
+        return f"token embedding is {embed.qtype if embed else 'missing'}"
+    return None
+
+
+def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> NativeStepModel | None:
+    """The native-step model of a GGUF checkpoint, or None (reason logged) if not covered."""
+    reason = unsupported_reason(ckpt)
+    ops = load_native() if reason is None else None
+    if reason is None and ops is None:
+        reason = "the native extension is unavailable"
+    if reason is not None:
+        log.info("native step not used: %s", reason)
+        return None
+    c = ckpt.config
+    keep: list[torch.Tensor] = []
+
+    def raw(name: str) -> tuple[torch.Tensor, int]:
+        src = ckpt.tensors[name]
+        t = _file_bytes(src)
+        keep.append(t)
+        return t, GGML_TYPES[src.qtype]
+
+    def vec(name: str) -> torch.Tensor:
+        src = ckpt.tensors[name]
+        if src.qtype == "F32" and not isinstance(src.data, torch.Tensor):
+            t = torch.from_numpy(np.array(src.data, dtype=np.float32).reshape(src.shape))
+        else:
+            t = src.to_float().contiguous()
+        keep.append(t)
+        return t
+
+    rotary = Rotary(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+    keep += [rotary.cos, rotary.sin]
+    embed, embed_type = raw("tok_embeddings.weight")
+    head, head_type = (
+        raw("output.weight") if "output.weight" in ckpt.tensors else (embed, embed_type)
+    )
+    native = ops.NativeModel(
+        c.dim,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+        c.norm_eps,
+        embed,
+        embed_type,
+        head,
+        head_type,
+        vec("norm.weight"),
+        rotary.cos.contiguous(),
+        rotary.sin.contiguous(),
+        threads,
+        isa,
+    )
+    for i in range(c.n_layers):
+        layer = {
+            "attn_norm": vec(f"layers.{i}.attention_norm.weight"),
+            "ffn_norm": vec(f"layers.{i}.ffn_norm.weight"),
+        }
+        for key, module in LINEARS.items():
+            layer[key] = raw(f"layers.{i}.{module}.weight")
+        for key in ("q", "k", "v"):
+            bias = f"layers.{i}.attention.w{key}.bias"
+            if bias in ckpt.tensors:
+                layer[f"b{key}"] = vec(bias)
+        native.add_layer(layer)
+    log.info("native step: %d layers on %s, %d threads", c.n_layers, native.isa, native.threads)
+    return NativeStepModel(c, native, keep)
+
+
+def _linear_names(c: ModelConfig) -> list[str]:
+    return [f"layers.{i}.{m}.weight" for i in range(c.n_layers) for m in LINEARS.values()]
+
+
+def _file_bytes(src: TensorSource) -> torch.Tensor:
+    """The tensor's bytes as a uint8 (rows, row_bytes) view of the file (a copy only when its
+    rows must be permuted). F32/F16 embeddings are returned as float tensors."""
+    data = np.asarray(src.data)
+    if src.row_perm is not None:
+        data = np.ascontiguousarray(data[src.row_perm.numpy()])
+    with warnings.catch_warnings():  # the file view is read-only; the kernels never write it
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(data)
+    if src.qtype in ("F32", "F16"):
+        return t.reshape(src.shape).contiguous()
+    return t.reshape(src.shape[0], -1)
