@@ -5,6 +5,7 @@ other). A module that runs tiny models opts into one thread with
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from unittest import mock
 
@@ -15,16 +16,32 @@ from tests import helpers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--reverse",
-        action="store_true",
-        help="run the collected tests in reverse order (checks that no test depends on another)",
+    group = parser.getgroup("order", "test order (no test may depend on another having run)")
+    group.addoption("--reverse", action="store_true", help="run the tests in reverse order")
+    group.addoption(
+        "--shuffle",
+        type=int,
+        metavar="SEED",
+        help="run the modules in a random order, and each module's tests in a random order",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--reverse"):
         items.reverse()
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        # Whole modules stay together, so that module fixtures (a server, a model) are set up
+        # once per module as in file order.
+        rng = random.Random(seed)
+        modules: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+        order = list(modules.values())
+        rng.shuffle(order)
+        for group in order:
+            rng.shuffle(group)
+        items[:] = [item for group in order for item in group]
 
 
 @pytest.fixture(scope="module")

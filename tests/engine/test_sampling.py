@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams
@@ -32,10 +32,15 @@ def allowed_sets(logits: np.ndarray, p: SamplingParams) -> tuple[set[int], set[i
     x = logits.astype(np.float64) / p.temperature
     V = len(x)
     alive = np.ones(V, dtype=bool)
+    must_k = np.ones(V, dtype=bool)
     if 0 < p.top_k < V:
         kth = np.sort(x)[::-1][p.top_k - 1]
-        alive &= x >= kth  # ties with the k-th are kept
-    must, may = alive.copy(), alive.copy()
+        # Ties with the k-th are kept; float32 may tie or split values within TOL of it (e.g. a
+        # subnormal logit halved by the temperature rounds to 0).
+        scale = TOL * max(1.0, abs(kth))
+        alive &= x >= kth - scale
+        must_k = (x > kth + scale) | (x == x.max())
+    must, may = alive & must_k, alive.copy()
     if p.top_p < 1.0:
         probs = np.where(alive, np.exp(x - x[alive].max()), 0.0)
         probs /= probs.sum()
@@ -67,6 +72,10 @@ logit_values = st.one_of(
     top_p=st.floats(0.01, 1.0),
     min_p=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
     seed=st.integers(0, 2**31),
+)
+# A subnormal logit that the temperature rounds onto the k-th value in float32.
+@example(
+    logits=[0.0, 1.401298464324817e-45], temperature=2.0, top_k=1, top_p=1.0, min_p=0.0, seed=0
 )
 def test_filters_never_emit_an_excluded_token(logits, temperature, top_k, top_p, min_p, seed):
     p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
