@@ -28,9 +28,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weights",
-        choices=["native", "float"],
+        choices=["native", "packed", "float"],
         default="native",
-        help="native: quantized GGUF weights run on integer kernels; float: decode all",
+        help="native: GGUF blocks in place, one native call per step (falls back to packed); "
+        "packed: per-module int kernels; float: decode all",
     )
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:n]")

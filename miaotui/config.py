@@ -292,10 +292,12 @@ class EngineConfig:
     model: str | None = None
     """GGUF path, HF directory or short name; None: the embedded default model."""
     weights: str = "native"
-    """"native": quantized GGUF tensors stay quantized and run on integer kernels;
-    "float": every tensor is decoded to `device.dtype` at load."""
+    """"native": quantized GGUF tensors stay quantized; on the CPU in fp32 the whole step runs
+    as one native call over the file's blocks (model/native_step.py) where the file allows,
+    otherwise as "packed". "packed": per-module integer kernels over repacked blocks (what
+    tensor/pipeline-parallel ranks run). "float": every tensor decoded to `device.dtype`."""
     transforms: str = ""
-    """Quantize/prune specs applied at load, joined by "+" (see transforms/pipeline.py)."""
+    """Quantize/prune specs applied at load, joined by "+" (see transforms/spec.py)."""
     calibration_text: str | None = None
     """Plain-text file the calibrated load-time transforms read (GPTQ, AWQ, SmoothQuant, Wanda,
     SparseGPT); None: they refuse to run. The CLI gives a default, the library does not."""
@@ -311,9 +313,9 @@ class EngineConfig:
     """How the engine is spread over processes and replicas."""
 
     def __post_init__(self) -> None:
-        if self.weights not in ("native", "float"):
+        if self.weights not in ("native", "packed", "float"):
             raise InvalidRequestError(
-                f"weights must be 'native' or 'float', got {self.weights!r}", "weights"
+                f"weights must be 'native', 'packed' or 'float', got {self.weights!r}", "weights"
             )
         for name, cls in (
             ("device", DeviceConfig),

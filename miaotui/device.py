@@ -36,3 +36,33 @@ def setup_threads(threads: int | None) -> None:
     process-wide setting alone (library code never changes it behind the user's back)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def free_cpus(sample_s: float = 0.05) -> int:
+    """CPUs this process may use that other processes are not keeping busy right now: the
+    affinity set minus the busy share /proc/stat shows over a short sample (our own process
+    sleeps meanwhile), rounded, at least 1. Used as the native step's default thread count, so
+    a second thread is not started onto a core that is already taken."""
+    import os
+    import time
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable or 1
+
+    def busy_total() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return sum(v) - idle, sum(v)
+
+    first = busy_total()
+    if first is None:
+        return usable
+    time.sleep(sample_s)
+    second = busy_total()
+    total = max(1, second[1] - first[1])
+    busy_cpus = (second[0] - first[0]) / total * (os.cpu_count() or usable)
+    return max(1, min(usable, round(usable - busy_cpus)))

@@ -12,13 +12,16 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from miaotui.config import EngineConfig
-from miaotui.device import resolve_device, resolve_dtype, setup_threads
+from miaotui.device import free_cpus, resolve_device, resolve_dtype, setup_threads
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelRunner, num_cache_blocks
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.model.build import build_model
+from miaotui.model.native_step import build_native_step
 from miaotui.model.transformer import Transformer
 from miaotui.tokenizer import TextTokenizer
 
@@ -41,6 +44,11 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
     need float weights: they apply to a float build, or to the float modules of a saved
     transformed checkpoint."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
+    if not cfg.transforms and native_step_applies(cfg, device, dtype):
+        threads = cfg.device.threads or free_cpus()
+        model = build_native_step(ckpt, threads)
+        if model is not None:
+            return model
     if not cfg.transforms:
         return build_model(ckpt, device, dtype, cfg.weights, progress=cfg.progress)
     from miaotui.transforms.calibrate import CalibrationConfig
@@ -52,6 +60,17 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
     text = Path(cfg.calibration_text) if cfg.calibration_text else None
     ctx = TransformContext(tokenizer, CalibrationConfig(text_path=text), cfg.progress)
     return apply_transforms(model, specs, ctx)
+
+
+def native_step_applies(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """Native GGUF weights on the CPU in fp32 with a float KV cache run as one native call per
+    step (model/native_step.py) when the checkpoint allows it."""
+    return (
+        cfg.weights == "native"
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and cfg.cache.kv_dtype == "auto"
+    )
 
 
 def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineConfig) -> LLMEngine:

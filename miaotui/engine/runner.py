@@ -105,4 +105,4 @@ class ModelRunner:
 
 def _local_kv_heads(model: Transformer) -> int:
     """KV heads this process holds (fewer than the config's under tensor parallelism)."""
-    return model.layers[0].attention.n_kv_heads
+    return model.kv_spec()[0]

@@ -46,13 +46,13 @@ def build_model(
     drop: frozenset[str] = frozenset(),
 ) -> Transformer:
     """The model of `ckpt` on `device`, float parameters in `dtype`. A saved transformed
-    checkpoint is rebuilt as saved; otherwise `weights` is "native" (GGUF quantized linears run
-    packed) or "float". Parameters named in `drop` are not loaded: they stay on the meta device
+    checkpoint is rebuilt as saved; otherwise `weights` is "native" or "packed" (GGUF quantized
+    linears run packed; the one-call native step is model/native_step.py) or "float". Parameters named in `drop` are not loaded: they stay on the meta device
     for the caller (a pipeline stage without the embedding or the head)."""
     if is_transformed(ckpt):
         return _build_saved(ckpt, device, dtype)
     packed = {}
-    if weights == "native":
+    if weights in ("native", "packed"):
         packed = {n: p for n in _candidates(ckpt, drop) if (p := pack_tensor(ckpt, n)) is not None}
     model = _build_float(ckpt, device, dtype, progress, skip=frozenset(packed) | drop)
     for name, p in packed.items():
