@@ -1,0 +1,197 @@
+"""The native step (kernels/native_step.cpp) against independent references.
+
+- One linear layer (`BlockLinear`) against the `gguf` package's dequantizer: y = x_hat W^T with
+  W decoded by `gguf.quants.dequantize` and x_hat the activations rounded to int8 per 32-block
+  in plain PyTorch (round half to even, scale amax / 127), in float64.
+- The AVX2 path everywhere, the AVX-512 VNNI path where the CPU has it: bit-identical results.
+- The whole model (`NativeStepModel`) against the float Transformer on the same file with its
+  linear inputs rounded the same way, prefill then decode across KV block boundaries, for
+  llama (q/k rows permuted in the file) and qwen2 (q/k/v biases).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from miaotui.kernels.build import load_native
+from miaotui.load.gguf_file import read_gguf
+from miaotui.model.attention import build_attention_metadata
+from miaotui.model.build import build_model
+from miaotui.model.kv_cache import KVCache
+from miaotui.model.native_step import GGML_TYPES, build_native_step
+from tests.helpers import hf_model, write_gguf
+
+ops = load_native()
+pytestmark = pytest.mark.skipif(ops is None, reason="native step did not build here")
+ISAS = ["avx2"] + (["vnni"] if ops is not None and ops.cpu_has_vnni() else [])
+
+
+def quantize_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """x (N, K) -> x_hat: each 32-block rounded to int8 with scale amax / 127 (llama.cpp Q8)."""
+    xb = x.double().view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(xb * (127.0 / amax)), torch.zeros_like(xb))
+    return (q * (amax / 127.0)).view_as(x)
+
+
+def gguf_weight(qtype: str, m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (M, K) weight in GGUF `qtype` blocks -> (bytes (M, row_bytes), gguf's float64)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((m, k)).astype(np.float32) * 0.05
+    t = gguf.GGMLQuantizationType[qtype]
+    q = gguf.quants.quantize(w, t)
+    deq = gguf.quants.dequantize(q, t)
+    return torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(deq).double()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_block_linear_matches_gguf_dequantize(qtype: str, isa: str):
+    m, k = 72, 576  # 18 blocks a row (odd tails of the 8-wide loops), rows not a multiple of 8
+    w, deq = gguf_weight(qtype, m, k, seed=1)
+    bias = torch.randn(m)
+    linear = ops.BlockLinear(2, isa)
+    for n in (1, 2, 3, 5, 17):
+        x = torch.randn(n, k)
+        want = quantize_rows_reference(x) @ deq.T + bias.double()
+        got = linear(x, w, GGML_TYPES[qtype], k, bias)
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() < 2e-6 * scale, (qtype, n)
+        # the reference is sharp: plain float activations are measurably further away
+        plain = x.double() @ deq.T + bias.double()
+        assert (plain - want).abs().max().item() > 1e-4 * scale
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_isas_bit_identical_and_rows_batch_invariant(qtype: str):
+    w, _ = gguf_weight(qtype, 64, 256, seed=2)
+    x = torch.randn(11, 256)
+    ref = ops.BlockLinear(1, "avx2")(x, w, GGML_TYPES[qtype], 256, None)
+    for isa in ISAS:
+        for threads in (1, 2):
+            got = ops.BlockLinear(threads, isa)(x, w, GGML_TYPES[qtype], 256, None)
+            assert torch.equal(got, ref), (isa, threads)
+    for i in (0, 5, 10):  # a row alone is the same bits as in the batch of 11
+        alone = ops.BlockLinear(1, ISAS[-1])(x[i : i + 1], w, GGML_TYPES[qtype], 256, None)
+        assert torch.equal(alone[0], ref[i])
+
+
+def test_bad_weight_is_a_clear_error():
+    w, _ = gguf_weight("Q8_0", 8, 64, seed=3)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        ops.BlockLinear(1, "avx2")(torch.randn(1, 96), w, GGML_TYPES["Q8_0"], 96, None)
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        ops.BlockLinear(1, "avx2")(torch.randn(1, 64), w, 12, 64, None)
+
+
+# ---- the whole model ----------------------------------------------------------------------------
+
+
+def fake_quant_linear_inputs(model: torch.nn.Module) -> None:
+    """Round every nn.Linear input as the native step rounds its activations."""
+
+    def hook(_module, args):
+        x = args[0]
+        shape = x.shape
+        return (quantize_rows_reference(x.reshape(-1, shape[-1])).float().view(shape),)
+
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(hook)
+
+
+def step_logits(model, chunks: list[list[int]], kv_heads: int, config) -> list[torch.Tensor]:
+    """Prefill chunks[0], then each further chunk as one step; block size 4 so that contexts
+    cross block boundaries; logits of every token."""
+    block = 4
+    total = sum(len(c) for c in chunks)
+    n_blocks = total // block + 2
+    cache = KVCache(
+        config.n_layers,
+        (n_blocks + 1) * block,
+        kv_heads,
+        config.head_dim,
+        torch.float32,
+        torch.device("cpu"),
+    )
+    table = list(range(1, n_blocks + 1))
+    out, pos = [], 0
+    with torch.inference_mode():
+        for chunk in chunks:
+            meta = build_attention_metadata([pos], [len(chunk)], [table], block)
+            out.append(model(torch.tensor(chunk), meta, cache))
+            pos += len(chunk)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "qtype"), [("llama", "Q8_0"), ("qwen2", "Q4_1"), ("llama", "Q4_0")]
+)
+def test_native_model_matches_float_model_with_rounded_activations(tmp_path, arch, qtype):
+    path = write_gguf(hf_model(arch, seed=4), arch, tmp_path / "m.gguf", qtype)
+    ckpt = read_gguf(path)
+    ref = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+    fake_quant_linear_inputs(ref)
+    native = build_native_step(ckpt, threads=2, isa=ISAS[-1])
+    assert native is not None
+    ids = torch.randint(
+        0, ckpt.config.vocab_size, (19,), generator=torch.Generator().manual_seed(5)
+    )
+    chunks = [ids[:9].tolist()] + [[t] for t in ids[9:].tolist()]
+    kv = ckpt.config.n_kv_heads
+    want = torch.cat(step_logits(ref, chunks, kv, ckpt.config))
+    got = torch.cat(step_logits(native, chunks, kv, ckpt.config))
+    scale = want.abs().max().item()
+    # measured ~4e-7 of the logit range (float32 summation order); a wrong block layout, RoPE
+    # order or bias costs ~1, and unrounded activations alone ~1e-2
+    assert (got - want).abs().max().item() < 1e-5 * scale
+    plain = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+    unrounded = torch.cat(step_logits(plain, chunks, kv, ckpt.config))
+    assert (unrounded - want).abs().max().item() > 1e-3 * scale
+
+
+def test_native_model_same_logits_alone_and_in_a_batch(tmp_path):
+    path = write_gguf(hf_model("llama", seed=6), "llama", tmp_path / "m.gguf", "Q8_0")
+    ckpt = read_gguf(path)
+    native = build_native_step(ckpt, threads=2)
+    c = ckpt.config
+    cache = KVCache(
+        c.n_layers, 64 * 4, c.n_kv_heads, c.head_dim, torch.float32, torch.device("cpu")
+    )
+    seqs = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    tables = [list(range(1, 5)), list(range(5, 9)), list(range(9, 13))]
+    with torch.inference_mode():
+        meta = build_attention_metadata([0, 0, 0], [len(s) for s in seqs], tables, 4)
+        batched = native(torch.tensor(sum(seqs, [])), meta, cache)
+        alone = []
+        for s, t in zip(seqs, tables):
+            meta = build_attention_metadata([0], [len(s)], [t], 4)
+            alone.append(native(torch.tensor(s), meta, cache))
+    assert torch.equal(batched, torch.cat(alone))
+
+
+def test_thread_pool_survives_a_busy_core(tmp_path):
+    """Two pool threads with a third process spinning on the 2-core box: the step completes (no
+    barrier that waits forever for a descheduled thread) and gives the same logits."""
+    path = write_gguf(hf_model("llama", seed=7), "llama", tmp_path / "m.gguf", "Q8_0")
+    ckpt = read_gguf(path)
+    one, two = build_native_step(ckpt, threads=1), build_native_step(ckpt, threads=2)
+    ids = list(range(1, 12))
+    want = step_logits(one, [ids[:3]] + [[t] for t in ids[3:]], ckpt.config.n_kv_heads, ckpt.config)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for _ in range(5):
+            got = step_logits(
+                two, [ids[:3]] + [[t] for t in ids[3:]], ckpt.config.n_kv_heads, ckpt.config
+            )
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        busy.kill()
+        busy.wait()
