@@ -2,8 +2,9 @@
 subclass whose message says what is wrong, from the CLI exactly one stderr line starting with
 "miaotui: error:", exit status 2 and no traceback. Nothing hangs (every CLI run has a timeout).
 
-The CLI runs are started together by one module fixture (each pays Python + torch start-up; on
-2 cores they overlap), then each case checks its own result."""
+The CLI's error cases run in this process through `miaotui.cli.main` (exit status, stdout and
+stderr as the script gives them); the controls and one error case run as `python -m miaotui.cli`
+subprocesses, started together by one module fixture (each pays Python + torch start-up)."""
 
 from __future__ import annotations
 
@@ -343,12 +344,19 @@ def _cli_cases(files: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
     return cases
 
 
+SUBPROCESS_CASES = ("generate_ok", "chat_ok", "missing")
+"""Run as `python -m miaotui.cli` (the rest in this process, through `main`): the controls, and
+one error to show the one-line contract holds in a real process, import time included."""
+
+
 @pytest.fixture(scope="module")
 def cli_runs(files) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
+    """The SUBPROCESS_CASES, started together (each pays Python + torch start-up; on 2 cores
+    they overlap)."""
     cases = _cli_cases(files)
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "miaotui.cli", *args],
+            [sys.executable, "-m", "miaotui.cli", *cases[name][0]],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -356,7 +364,7 @@ def cli_runs(files) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
             env=dict(os.environ, MIAOTUI_THREADS="1"),
             cwd=helpers.REPO,
         )
-        for name, (args, _) in cases.items()
+        for name in SUBPROCESS_CASES
     }
     runs = {}
     try:
@@ -372,6 +380,26 @@ def cli_runs(files) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
                 proc.kill()
                 proc.wait()
     return runs
+
+
+def run_cli_here(args: list[str], capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """`miaotui.cli.main(args)` in this process, as the script runs it (exit status from
+    SystemExit, stdout and stderr captured); torch's thread count is restored afterwards."""
+    import torch
+
+    from miaotui.cli import main
+
+    monkeypatch.setenv("MIAOTUI_THREADS", "1")
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["miaotui", *args], code or 0, out, err)
 
 
 CLI_CASES = [
@@ -390,6 +418,15 @@ CLI_CASES = [
 ]
 
 
+def _assert_one_line_error(run: subprocess.CompletedProcess, expected: str) -> None:
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("miaotui: error: "), run.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in run.stderr + run.stdout
+    assert run.returncode == 2
+
+
 @pytest.mark.slow
 def test_cli_succeeds_on_a_good_model(cli_runs):
     for case in ("generate_ok", "chat_ok"):
@@ -399,12 +436,11 @@ def test_cli_succeeds_on_a_good_model(cli_runs):
 
 
 @pytest.mark.slow
+def test_cli_one_line_error_in_a_subprocess(cli_runs):
+    _assert_one_line_error(*cli_runs["missing"])
+
+
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_one_line_error(cli_runs, case):
-    run, expected = cli_runs[case]
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("miaotui: error: "), run.stderr
-    assert expected in lines[0]
-    assert "Traceback" not in run.stderr + run.stdout
-    assert run.returncode == 2
+def test_cli_one_line_error(files, case, capsys, monkeypatch):
+    args, expected = _cli_cases(files)[case]
+    _assert_one_line_error(run_cli_here(args, capsys, monkeypatch), expected)
