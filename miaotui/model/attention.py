@@ -20,7 +20,8 @@ from miaotui.model.layers import RMSNorm, apply_rope
 
 @dataclass
 class AttentionMetadata:
-    """Per-step addressing, built once and shared by all layers."""
+    """Per-step addressing, built once and shared by all layers. The masks of the padded grid
+    are built on first use: the native step (model/native_step.py) never needs them."""
 
     positions: torch.Tensor
     """(N,) absolute position of each packed token."""
@@ -30,25 +31,61 @@ class AttentionMetadata:
     """(N,) row of each packed token in the padded (B*Tq) query grid."""
     key_slots: torch.Tensor
     """(B, L) cache slot of every context position (padding points at slot 0)."""
-    mask: torch.Tensor
-    """(B, 1, Tq, L) bool, True where a query may attend to a key (causal, within length)."""
-    local_mask: torch.Tensor | None
-    """Same as `mask`, further limited to the sliding window (None without local layers)."""
     num_seqs: int
     max_query_len: int
-    _bias_cache: dict = field(default_factory=dict, repr=False)
+    start_pos: torch.Tensor
+    """(B,) tokens each sequence had cached before this step."""
+    num_new: torch.Tensor
+    """(B,) tokens each sequence adds this step."""
+    sliding_window: int | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def seq_index(self) -> torch.Tensor:
+        """(N,) sequence of each packed token."""
+        return self.query_index // self.max_query_len
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, 1, Tq, L) bool, True where a query may attend to a key (causal, within length)."""
+        if "mask" not in self._cache:
+            self._cache["mask"] = self._grid_mask(None)
+        return self._cache["mask"]
+
+    @property
+    def local_mask(self) -> torch.Tensor | None:
+        """Same as `mask`, further limited to the sliding window (None without local layers)."""
+        if self.sliding_window is None:
+            return None
+        if "local" not in self._cache:
+            self._cache["local"] = self._grid_mask(self.sliding_window)
+        return self._cache["local"]
+
+    def _grid_mask(self, window: int | None) -> torch.Tensor:
+        device = self.key_slots.device
+        L = self.key_slots.shape[1]
+        j = torch.arange(L, device=device)
+        t = torch.arange(self.max_query_len, device=device)
+        start, new = self.start_pos.to(device), self.num_new.to(device)
+        valid_q = t[None, :] < new[:, None]  # (B, Tq)
+        q_pos = start[:, None] + t[None, :]  # (B, Tq)
+        mask = (j[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]  # (B, Tq, L)
+        if window is not None:
+            mask = mask & (j[None, None, :] > q_pos[:, :, None] - window)
+        mask[:, :, 0] |= ~valid_q  # padded query rows attend to one key: avoids NaN rows
+        return mask.unsqueeze(1)
 
     def bias(self, group: int, local: bool, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask (B, 1, group*Tq, L): 0 where allowed, -inf elsewhere; rows repeated for
         the `group` query heads sharing a KV head. Built once per step, shared by all layers."""
         key = (group, local and self.local_mask is not None, dtype)
-        if key not in self._bias_cache:
+        if key not in self._cache:
             mask = self.local_mask if key[1] else self.mask  # (B, 1, Tq, L)
             B, _, Tq, L = mask.shape
             mask = mask.expand(B, group, Tq, L).reshape(B, 1, group * Tq, L)
             zero = torch.zeros((), dtype=dtype, device=mask.device)
-            self._bias_cache[key] = torch.where(mask, zero, float("-inf")).to(dtype)
-        return self._bias_cache[key]
+            self._cache[key] = torch.where(mask, zero, float("-inf")).to(dtype)
+        return self._cache[key]
 
 
 def build_attention_metadata(
@@ -62,45 +99,36 @@ def build_attention_metadata(
     """Addressing for sequences that already cached `start_pos[b]` tokens and now add
     `num_new[b]` tokens; `block_tables[b]` covers at least start_pos[b] + num_new[b] slots."""
     B, Tq = len(num_new), max(num_new)
-    ctx = torch.tensor([s + n for s, n in zip(start_pos, num_new)])  # (B,)
-    L = int(ctx.max())
+    ctx = [s + n for s, n in zip(start_pos, num_new)]
+    L = max(ctx)
     n_blocks = -(-L // block_size)
     table = torch.zeros(B, n_blocks, dtype=torch.long)
     for b, blocks in enumerate(block_tables):
         row = blocks[:n_blocks]
         table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
     j = torch.arange(L)
-    key_slots = table[:, j // block_size] * block_size + j % block_size  # (B, L)
-    key_slots = torch.where(j[None, :] < ctx[:, None], key_slots, 0)
-
-    t = torch.arange(Tq)
-    start = torch.tensor(start_pos)
-    new = torch.tensor(num_new)
-    valid_q = t[None, :] < new[:, None]  # (B, Tq)
-    q_pos = start[:, None] + t[None, :]  # (B, Tq)
-    mask = (j[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]  # (B, Tq, L)
-    local = None
-    if sliding_window is not None:
-        local = mask & (j[None, None, :] > q_pos[:, :, None] - sliding_window)
-    b_idx = torch.repeat_interleave(torch.arange(B), new)
-    t_idx = torch.cat([torch.arange(n) for n in num_new])
-    positions = start[b_idx] + t_idx
+    key_slots = (table[:, j // block_size] * block_size + j % block_size).view(B, L)  # (B, L)
+    if min(ctx) < L:  # padding beyond a sequence's context points at slot 0
+        key_slots = torch.where(j[None, :] < torch.tensor(ctx)[:, None], key_slots, 0)
+    start, new = torch.tensor(start_pos), torch.tensor(num_new)
+    if Tq == 1:  # pure decode: one token per sequence
+        b_idx, positions = torch.arange(B), start
+    else:
+        b_idx = torch.repeat_interleave(torch.arange(B), new)
+        t_idx = torch.cat([torch.arange(n) for n in num_new])
+        positions = start[b_idx] + t_idx
     slots = key_slots[b_idx, positions]
-
-    def finish(m: torch.Tensor) -> torch.Tensor:
-        m = m.clone()
-        m[:, :, 0] |= ~valid_q  # padded query rows attend to one key: avoids NaN rows
-        return m.unsqueeze(1).to(device)
-
+    query_index = b_idx * Tq + (positions - start[b_idx])
     return AttentionMetadata(
         positions=positions.to(device),
         slot_mapping=slots.to(device),
-        query_index=(b_idx * Tq + t_idx).to(device),
+        query_index=query_index.to(device),
         key_slots=key_slots.to(device),
-        mask=finish(mask),
-        local_mask=finish(local) if local is not None else None,
         num_seqs=B,
         max_query_len=Tq,
+        start_pos=start,
+        num_new=new,
+        sliding_window=sliding_window,
     )
 
 

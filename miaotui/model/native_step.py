@@ -85,11 +85,10 @@ class NativeStepModel:
         n = input_ids.shape[0]
         if logits_index is None:
             logits_index = torch.arange(n)
-        seq_index = meta.query_index // meta.max_query_len  # (N,) sequence of each token
         return self.native.forward(
             input_ids.contiguous(),
             meta.positions.contiguous(),
-            seq_index.contiguous(),
+            meta.seq_index.contiguous(),
             meta.key_slots.contiguous(),
             meta.slot_mapping.contiguous(),
             logits_index.to(torch.long).contiguous(),
