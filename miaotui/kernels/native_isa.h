@@ -273,42 +273,74 @@ void rope_heads(float* x, int64_t n_heads, int64_t D, const float* cos, const fl
   }
 }
 
-// One query head against its KV head's context, read from the paged cache in place:
-// out = softmax(scale * q K^T) V over the key slots `slots[0..n)`. `scores` has room for n.
-void attend_head(const float* q, const float* kc, const float* vc, int64_t kv_stride, const int64_t* slots, int64_t n,
-                 int64_t D, float scale, float* scores, float* out) {
-  __m256 mx = _mm256_set1_ps(-INFINITY);
-  int64_t j = 0;
-  for (; j < n; ++j) scores[j] = dot_f32(q, kc + slots[j] * kv_stride, D) * scale;
-  for (j = 0; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(scores + j));
-  float m = hmax(mx);
-  for (; j < n; ++j) m = std::max(m, scores[j]);
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 sv = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= n; j += 8) {
-    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
-    _mm256_storeu_ps(scores + j, e);
-    sv = _mm256_add_ps(sv, e);
+// The G query heads sharing one KV head against context keys [0, n) of `slots` (one split of
+// a longer context): scores, then an unnormalised softmax relative to this split's maximum.
+// Writes m[g] (max score), l[g] (sum of exp) and acc[g * D..] (sum of exp * v); splits are
+// merged by merge_splits. Each K and V row is read once for the G heads. `scores`: G * n floats.
+void attend_split(const float* q, int64_t G, const float* kc, const float* vc, int64_t kv_stride,
+                  const int64_t* slots, int64_t n, int64_t D, float scale, float* scores, float* m, float* l,
+                  float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = kc + slots[j] * kv_stride;
+    for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_f32(q + g * D, k, D) * scale;
   }
-  float sum = hsum(sv);
-  if (j < n) {  // tail through the same vector exp, padded with -inf (exp -> 0)
-    alignas(32) float tail[8];
-    for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? scores[j + i] - m : -INFINITY;
-    const __m256 e = exp_ps(_mm256_load_ps(tail));
-    _mm256_store_ps(tail, e);
-    for (int64_t i = 0; j + i < n; ++i) {
-      scores[j + i] = tail[i];
-      sum += tail[i];
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores + g * n;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + j));
+    float mg = hmax(mx);
+    for (; j < n; ++j) mg = std::max(mg, sc[j]);
+    const __m256 mv = _mm256_set1_ps(mg);
+    __m256 sv = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+      _mm256_storeu_ps(sc + j, e);
+      sv = _mm256_add_ps(sv, e);
+    }
+    float sum = hsum(sv);
+    if (j < n) {  // tail through the same vector exp, padded with -inf (exp -> 0)
+      alignas(32) float tail[8];
+      for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? sc[j + i] - mg : -INFINITY;
+      _mm256_store_ps(tail, exp_ps(_mm256_load_ps(tail)));
+      for (int64_t i = 0; j + i < n; ++i) {
+        sc[j + i] = tail[i];
+        sum += tail[i];
+      }
+    }
+    m[g] = mg;
+    l[g] = sum;
+  }
+  const int64_t nv = D / 8;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, _mm256_setzero_ps());
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = vc + slots[j] * kv_stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 p = _mm256_set1_ps(scores[g * n + j]);
+      float* a = acc + g * D;
+      for (int64_t c = 0; c < nv; ++c)
+        _mm256_storeu_ps(a + 8 * c, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), _mm256_loadu_ps(a + 8 * c)));
     }
   }
-  const float inv = 1.0f / sum;
-  __m256 acc[MAX_HEAD_DIM / 8];
+}
+
+// out (D) = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) over S splits of one head, M = max m_s.
+// Split s's values are at m[s * stride], l[s * stride], acc[s * stride * D].
+void merge_splits(int64_t S, int64_t stride, const float* m, const float* l, const float* acc, int64_t D, float* out) {
+  float M = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) M = std::max(M, m[s * stride]);
+  float L = 0.0f;
   const int64_t nv = D / 8;
-  for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; ++i) {
-    const __m256 p = _mm256_set1_ps(scores[i]);
-    const float* v = vc + slots[i] * kv_stride;
-    for (int64_t c = 0; c < nv; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+  __m256 o[MAX_HEAD_DIM / 8];
+  for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const float w = std::exp(m[s * stride] - M);
+    L += l[s * stride] * w;
+    const __m256 wv = _mm256_set1_ps(w);
+    const float* a = acc + s * stride * D;
+    for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(a + 8 * c), o[c]);
   }
-  for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+  const __m256 inv = _mm256_set1_ps(1.0f / L);
+  for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(o[c], inv));
 }

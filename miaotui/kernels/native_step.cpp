@@ -37,6 +37,7 @@ namespace miaotui {
 
 constexpr int64_t QK = 32;  // values per block, weights and activations
 constexpr int64_t MAX_HEAD_DIM = 256;
+constexpr int64_t KV_SPLIT = 256;  // context positions per attention work item
 // GGML type ids (ggml.h enum ggml_type).
 constexpr int QT_F32 = 0, QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8;
 
@@ -212,12 +213,13 @@ struct Kernels {
   void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
   void (*silu_mul)(const float*, const float*, int64_t, float*);
   void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
-  void (*attend_head)(const float*, const float*, const float*, int64_t, const int64_t*, int64_t, int64_t, float,
-                      float*, float*);
+  void (*attend_split)(const float*, int64_t, const float*, const float*, int64_t, const int64_t*, int64_t, int64_t,
+                       float, float*, float*, float*, float*);
+  void (*merge_splits)(int64_t, int64_t, const float*, const float*, const float*, int64_t, float*);
 };
 
 #define MIAOTUI_KERNELS(ns) \
-  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_head }
+  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_split, ns::merge_splits }
 
 bool cpu_has_vnni() {
   __builtin_cpu_init();
@@ -498,17 +500,40 @@ class NativeModel {
   }
 
   // attn_ (N, H*D) <- softmax(q K^T / sqrt(D)) V for every (token, head), causal by position.
+  // Work items are (token, KV head, split of KV_SPLIT context positions): the G query heads of
+  // a KV head read each K/V row once, and a long context is spread over all threads (split-K,
+  // merged with the softmax rescaling). Splits depend on the position only: batch-invariant.
   void attention(ThreadPool& pool, const float* kc, const float* vc, const int64_t* pos, const int64_t* seq,
                  const int64_t* ks, int64_t L, int64_t N) {
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
-    pool.run(N * H_, [&](int64_t i) {
-      const int64_t n = i / H_, h = i % H_, kvh = h / G;
+    split_base_.resize(N + 1);
+    split_base_[0] = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t S = (pos[n] + KV_SPLIT) / KV_SPLIT;  // ceil((pos + 1) / KV_SPLIT)
+      split_base_[n + 1] = split_base_[n] + S;
+    }
+    const int64_t total = split_base_[N];  // splits over all tokens, per KV head
+    part_m_.resize(total * KVH_ * G);
+    part_l_.resize(total * KVH_ * G);
+    part_acc_.resize(total * KVH_ * G * D_);
+    // item i -> (split index over all tokens, kv head)
+    pool.run(total * KVH_, [&](int64_t i) {
+      const int64_t sp = i / KVH_, kvh = i % KVH_;
+      const int64_t n = std::upper_bound(split_base_.begin(), split_base_.end(), sp) - split_base_.begin() - 1;
+      const int64_t s = sp - split_base_[n], j0 = s * KV_SPLIT, j1 = std::min(pos[n] + 1, j0 + KV_SPLIT);
       thread_local std::vector<float> scores;
-      const int64_t ctx = pos[n] + 1;
-      if (static_cast<int64_t>(scores.size()) < ctx) scores.resize(ctx);
-      k_.attend_head(qkv_.data() + n * qkvd + h * D_, kc + kvh * D_, vc + kvh * D_, kvd, ks + seq[n] * L, ctx, D_,
-                     scale, scores.data(), attn_.data() + n * qd + h * D_);
+      if (static_cast<int64_t>(scores.size()) < G * KV_SPLIT) scores.resize(G * KV_SPLIT);
+      const int64_t slot = (sp * KVH_ + kvh) * G;  // this item's G heads in the partials
+      k_.attend_split(qkv_.data() + n * qkvd + kvh * G * D_, G, kc + kvh * D_, vc + kvh * D_, kvd,
+                      ks + seq[n] * L + j0, j1 - j0, D_, scale, scores.data(), part_m_.data() + slot,
+                      part_l_.data() + slot, part_acc_.data() + slot * D_);
+    });
+    pool.run(N * H_, [&](int64_t i) {
+      const int64_t n = i / H_, h = i % H_, kvh = h / G, g = h % G;
+      const int64_t first = (split_base_[n] * KVH_ + kvh) * G + g, stride = KVH_ * G;
+      k_.merge_splits(split_base_[n + 1] - split_base_[n], stride, part_m_.data() + first, part_l_.data() + first,
+                      part_acc_.data() + first * D_, D_, attn_.data() + n * qd + h * D_);
     });
   }
 
@@ -539,6 +564,8 @@ class NativeModel {
   std::vector<Layer> layers_;
   // per-step scratch, reused
   std::vector<float> x_, h_, qkv_, attn_, gu_, act_;
+  std::vector<int64_t> split_base_;  // first split of each token
+  std::vector<float> part_m_, part_l_, part_acc_;  // attention partials per (split, kv head, head)
   QuantActs qa_;
   std::vector<LinearItem> items_;
 };

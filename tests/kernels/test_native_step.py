@@ -151,10 +151,41 @@ def test_native_model_matches_float_model_with_rounded_activations(tmp_path, arc
     scale = want.abs().max().item()
     # measured ~4e-7 of the logit range (float32 summation order); a wrong block layout, RoPE
     # order or bias costs ~1, and unrounded activations alone ~1e-2
-    assert (got - want).abs().max().item() < 1e-5 * scale
+    assert_close_rows(got, want)
     plain = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
     unrounded = torch.cat(step_logits(plain, chunks, kv, ckpt.config))
     assert (unrounded - want).abs().max().item() > 1e-3 * scale
+
+
+def test_native_model_long_context_splits_attention(tmp_path):
+    """Contexts past 256 positions are split across attention work items and merged: prefill of
+    300 tokens in chunks, then decode, against the rounded float model."""
+    hf = hf_model("llama", seed=8, max_position_embeddings=640)
+    ckpt = read_gguf(write_gguf(hf, "llama", tmp_path / "m.gguf", "Q8_0"))
+    ref = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+    fake_quant_linear_inputs(ref)
+    native = build_native_step(ckpt, threads=2)
+    ids = torch.randint(
+        0, ckpt.config.vocab_size, (560,), generator=torch.Generator().manual_seed(9)
+    )
+    ids = ids.tolist()
+    chunks = [ids[:300], ids[300:520]] + [[t] for t in ids[520:]]
+    kv = ckpt.config.n_kv_heads
+    want = torch.cat(step_logits(ref, chunks, kv, ckpt.config))
+    got = torch.cat(step_logits(native, chunks, kv, ckpt.config))
+    assert_close_rows(got, want)
+    assert_close_rows(got[256:], want[256:])  # the rows whose context is split
+
+
+def assert_close_rows(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Rows (tokens) agree to float32 summation noise (1e-5 of the logit range), except where
+    rms_norm's rounding puts an activation across an int8 rounding boundary: then one step of
+    one block moves that token's logits by ~1e-3 (seen: 1 token in 560). A wrong split merge,
+    block layout or RoPE order moves every row by ~1."""
+    scale = want.abs().max().item()
+    err = (got - want).abs().amax(-1)
+    assert (err < 1e-5 * scale).float().mean().item() >= 0.98
+    assert err.max().item() < 2e-2 * scale
 
 
 def test_native_model_same_logits_alone_and_in_a_batch(tmp_path):
