@@ -55,6 +55,7 @@ HEAD_GROUP = 32  # input columns per scale of the int8 output head (see _quantiz
 # measured (e.g. w_down of block 5: RTN 0.094, damp 0.01 0.088, damp 0.1 0.080; same-domain
 # held-out text), and far less overfitting when the calibration text differs from the test text.
 GPTQ_DAMP = 0.1
+GPTQ_ACT_ORDER = True
 AWQ_SAMPLE_ROWS = 1024  # input rows per linear kept for AWQ's scale and clip searches
 CHUNK_WINDOWS = 4  # calibration windows run through a block at once (bounds attention memory)
 
@@ -240,34 +241,47 @@ class LayerwiseInputs:
     def record(
         self, block: Block, names: Iterable[str], gram: bool = False, sample_rows: int = 0
     ) -> dict[str, LinearStats]:
-        """Input statistics of the named linears of `block` over one pass of every chunk:
-        absmax always, X^T X (float64) with `gram`, and about `sample_rows` rows spread evenly
-        over the calibration tokens."""
+        """Input statistics of the named linears of `block` over every chunk: absmax always,
+        X^T X with `gram`, and about `sample_rows` rows spread evenly over the calibration
+        tokens. Each chunk's pass stops once the last of the named linears (in the order the
+        block computes them) has seen its input: nothing after it is needed."""
         stride = max(1, self.num_rows // sample_rows) if sample_rows else 0
+        names = list(names)
         stats = {n: LinearStats() for n in names}
+        last = max(names, key=BLOCK_LINEARS.index)
         handles = [
-            block.get_submodule(n).register_forward_hook(_input_hook(stats[n], gram, stride))
+            block.get_submodule(n).register_forward_hook(
+                _input_hook(stats[n], gram, stride, stop=n == last)
+            )
             for n in names
         ]
         try:
-            self.run(block)
+            for x, rope, meta, cache in self.chunks:
+                try:
+                    block(x, rope, meta, cache)
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
         return stats
 
 
-def _input_hook(s: LinearStats, gram: bool, stride: int):
+def _input_hook(s: LinearStats, gram: bool, stride: int, stop: bool = False):
     def hook(_module, inputs, _output):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (N, K)
         s.n += x.shape[0]
         amax = x.abs().amax(0)
         s.absmax = amax if s.absmax is None else torch.maximum(s.absmax, amax)
         if gram:
-            g = x.double().T @ x.double()
+            # float32 per chunk (1024 rows; the reference accumulates H in float32 throughout),
+            # summed in float64: a float64 matmul per chunk was most of GPTQ's time at K = 1536.
+            g = (x.T @ x).double()
             s.gram = g if s.gram is None else s.gram + g
         if stride:
             s.sample.append(x[::stride].clone())
+        if stop:
+            raise _Stop
 
     return hook
 
@@ -295,13 +309,22 @@ def _gptq_block(block: Block, inputs: LayerwiseInputs, spec: QuantSpec) -> None:
             continue
         stats = inputs.record(block, [next(iter(lins))], gram=True)
         h = next(iter(stats.values())).hessian()
-        for name, lin in lins.items():
-            g = group_size_for(lin.weight.shape[1], spec)
-            with _one_thread():
-                codes, scale, offset, _ = gptq_quantize(
-                    lin.weight.float(), h, spec.bits, g, spec.symmetric, True, GPTQ_DAMP
-                )
-            _replace(block, name, quant_linear(codes, scale, offset, g, lin.bias))
+        # GPTQ treats rows independently given H, so linears that share the input are quantized
+        # as one stacked weight: one inverse Hessian and one column sweep instead of three.
+        weights = [lin.weight.float() for lin in lins.values()]
+        g = group_size_for(weights[0].shape[1], spec)
+        with _one_thread():
+            codes, scale, offset, _ = gptq_quantize(
+                torch.cat(weights), h, spec.bits, g, spec.symmetric, GPTQ_ACT_ORDER, GPTQ_DAMP
+            )
+        rows = [w.shape[0] for w in weights]
+        parts = zip(codes.split(rows), scale.split(rows), _split(offset, rows))
+        for (name, lin), (c, sc, off) in zip(lins.items(), parts):
+            _replace(block, name, quant_linear(c, sc.contiguous(), off, g, lin.bias))
+
+
+def _split(t: torch.Tensor | None, rows: list[int]) -> list[torch.Tensor | None]:
+    return [None] * len(rows) if t is None else [p.contiguous() for p in t.split(rows)]
 
 
 def _awq_block(block: Block, inputs: LayerwiseInputs, spec: QuantSpec) -> None:
