@@ -76,7 +76,7 @@ def native_step_applies(cfg: EngineConfig, device: torch.device, dtype: torch.dt
 def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineConfig) -> LLMEngine:
     """Engine around an already built (possibly transformed) model."""
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.device)
-    num_blocks = num_cache_blocks(model, cfg.cache, dtype)
+    num_blocks = num_cache_blocks(model, cfg.cache, model.kv_spec()[1])
     runner = ModelRunner(model, cfg.cache, num_blocks, device, dtype)
     sched = cfg.scheduler.for_model(model.config.max_seq_len)
     return LLMEngine(runner, tokenizer, num_blocks, cfg.cache, sched)

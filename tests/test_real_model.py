@@ -126,7 +126,7 @@ def _all_logits(model, ids: list[int]) -> torch.Tensor:
         (n_blocks + 1) * block_size,
         model.kv_spec()[0],
         c.head_dim,
-        torch.float32,
+        model.kv_spec()[1],
         torch.device("cpu"),
     )
     table = list(range(1, n_blocks + 1))  # block 0 is the pool's null block

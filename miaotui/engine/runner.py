@@ -53,9 +53,10 @@ class ModelRunner:
         self.device = device
         c = model.config
         kv_cls = Int8KVCache if cache.kv_dtype == "int8" else KVCache
-        n_kv_heads = _local_kv_heads(model)
+        # The model says what it reads: local KV heads under TP, float16 for the native step.
+        n_kv_heads, kv_dtype, _ = model.kv_spec()
         self.kv_cache = kv_cls(
-            c.n_layers, num_blocks * cache.block_size, n_kv_heads, c.head_dim, dtype, device
+            c.n_layers, num_blocks * cache.block_size, n_kv_heads, c.head_dim, kv_dtype, device
         )
         self.block_tables: dict[str, list[int]] = {}
         """Block table of every request the scheduler has running (or had, until freed)."""
@@ -102,7 +103,3 @@ class ModelRunner:
             return torch.empty(0, self.model.config.vocab_size)
         return self.model(inp.input_ids, inp.meta, self.kv_cache, inp.logits_index)
 
-
-def _local_kv_heads(model: Transformer) -> int:
-    """KV heads this process holds (fewer than the config's under tensor parallelism)."""
-    return model.kv_spec()[0]

@@ -82,6 +82,24 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+inline __m256 load_half8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// q (float) . k (float16), n % 8 == 0.
+inline float dot_f16(const float* q, const uint16_t* k, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_half8(k + i), acc);
+  return hsum(acc);
+}
+
+// n floats -> float16 (round to nearest even), n % 8 == 0.
+void to_half(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t i = 0; i < n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activations quantized per 32-block to int8 (llama.cpp's Q8_1): x ~= d * q, s = d * sum(q).
 
@@ -277,12 +295,12 @@ void rope_heads(float* x, int64_t n_heads, int64_t D, const float* cos, const fl
 // a longer context): scores, then an unnormalised softmax relative to this split's maximum.
 // Writes m[g] (max score), l[g] (sum of exp) and acc[g * D..] (sum of exp * v); splits are
 // merged by merge_splits. Each K and V row is read once for the G heads. `scores`: G * n floats.
-void attend_split(const float* q, int64_t G, const float* kc, const float* vc, int64_t kv_stride,
+void attend_split(const float* q, int64_t G, const uint16_t* kc, const uint16_t* vc, int64_t kv_stride,
                   const int64_t* slots, int64_t n, int64_t D, float scale, float* scores, float* m, float* l,
                   float* acc) {
   for (int64_t j = 0; j < n; ++j) {
-    const float* k = kc + slots[j] * kv_stride;
-    for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_f32(q + g * D, k, D) * scale;
+    const uint16_t* k = kc + slots[j] * kv_stride;
+    for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_f16(q + g * D, k, D) * scale;
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores + g * n;
@@ -315,12 +333,13 @@ void attend_split(const float* q, int64_t G, const float* kc, const float* vc, i
   for (int64_t g = 0; g < G; ++g)
     for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, _mm256_setzero_ps());
   for (int64_t j = 0; j < n; ++j) {
-    const float* v = vc + slots[j] * kv_stride;
+    const uint16_t* vh = vc + slots[j] * kv_stride;
+    __m256 v[MAX_HEAD_DIM / 8];
+    for (int64_t c = 0; c < nv; ++c) v[c] = load_half8(vh + 8 * c);
     for (int64_t g = 0; g < G; ++g) {
       const __m256 p = _mm256_set1_ps(scores[g * n + j]);
       float* a = acc + g * D;
-      for (int64_t c = 0; c < nv; ++c)
-        _mm256_storeu_ps(a + 8 * c, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), _mm256_loadu_ps(a + 8 * c)));
+      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(a + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(a + 8 * c)));
     }
   }
 }

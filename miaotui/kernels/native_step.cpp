@@ -213,13 +213,14 @@ struct Kernels {
   void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
   void (*silu_mul)(const float*, const float*, int64_t, float*);
   void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
-  void (*attend_split)(const float*, int64_t, const float*, const float*, int64_t, const int64_t*, int64_t, int64_t,
-                       float, float*, float*, float*, float*);
+  void (*attend_split)(const float*, int64_t, const uint16_t*, const uint16_t*, int64_t, const int64_t*, int64_t,
+                       int64_t, float, float*, float*, float*, float*);
   void (*merge_splits)(int64_t, int64_t, const float*, const float*, const float*, int64_t, float*);
+  void (*to_half)(const float*, int64_t, uint16_t*);
 };
 
 #define MIAOTUI_KERNELS(ns) \
-  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_split, ns::merge_splits }
+  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_split, ns::merge_splits, ns::to_half }
 
 bool cpu_has_vnni() {
   __builtin_cpu_init();
@@ -396,7 +397,8 @@ class NativeModel {
 
   // token_ids, positions, seq_index, slot_mapping: (N,); key_slots: (B, L) cache slot of every
   // context position of each sequence; logits_index: (S,) rows to return logits for.
-  // k_cache[l], v_cache[l]: (num_slots, KVH, D) float32. Returns (S, V) float32 logits.
+  // k_cache[l], v_cache[l]: (num_slots, KVH, D) float16 (half the bytes a long context reads
+  // per token; llama.cpp's default too). Returns (S, V) float32 logits.
   at::Tensor forward(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& key_slots, const at::Tensor& slot_mapping, const at::Tensor& logits_index,
                      const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
@@ -438,8 +440,8 @@ class NativeModel {
     const int T = pool.size();
     for (int64_t l = 0; l < nl; ++l) {
       const Layer& Ly = layers_[l];
-      float* kc = k_cache[l].data_ptr<float>();
-      float* vc = v_cache[l].data_ptr<float>();
+      uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache[l].data_ptr<at::Half>());
+      uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache[l].data_ptr<at::Half>());
       // attention
       norm_rows(x_.data(), Ly.attn_norm.data_ptr<float>(), N, h_.data());
       quantize_all(pool, k_, h_.data(), N, C_, qa_);
@@ -455,8 +457,8 @@ class NativeModel {
         const float* s = sin_.data_ptr<float>() + pos[n] * D_;
         k_.rope_heads(q, H_, D_, c, s);
         k_.rope_heads(q + qd, KVH_, D_, c, s);
-        std::memcpy(kc + wslot[n] * kvd, q + qd, kvd * sizeof(float));
-        std::memcpy(vc + wslot[n] * kvd, q + qd + kvd, kvd * sizeof(float));
+        k_.to_half(q + qd, kvd, kc + wslot[n] * kvd);
+        k_.to_half(q + qd + kvd, kvd, vc + wslot[n] * kvd);
       });
       attention(pool, kc, vc, pos, seq, ks, L, N);
       quantize_all(pool, k_, attn_.data(), N, qd, qa_);
@@ -486,9 +488,9 @@ class NativeModel {
   static const float* opt(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
   void check_cache(const at::Tensor& t, int64_t num_slots) const {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 && t.size(0) == num_slots &&
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 3 && t.size(0) == num_slots &&
                     t.size(1) == KVH_ && t.size(2) == D_,
-                "KV cache tensors must be contiguous float32 (num_slots, ", KVH_, ", ", D_, ")");
+                "KV cache tensors must be contiguous float16 (num_slots, ", KVH_, ", ", D_, ")");
   }
 
   void norm_rows(const float* x, const float* w, int64_t N, float* y) {
@@ -503,7 +505,7 @@ class NativeModel {
   // Work items are (token, KV head, split of KV_SPLIT context positions): the G query heads of
   // a KV head read each K/V row once, and a long context is spread over all threads (split-K,
   // merged with the softmax rescaling). Splits depend on the position only: batch-invariant.
-  void attention(ThreadPool& pool, const float* kc, const float* vc, const int64_t* pos, const int64_t* seq,
+  void attention(ThreadPool& pool, const uint16_t* kc, const uint16_t* vc, const int64_t* pos, const int64_t* seq,
                  const int64_t* ks, int64_t L, int64_t N) {
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));

@@ -52,8 +52,9 @@ class NativeStepModel:
         self._keep = keep  # tensors the native model points into (file views, perm copies)
 
     def kv_spec(self) -> tuple[int, torch.dtype, torch.device]:
-        """(KV heads, dtype, device) of the cache the native step reads: float32 on the CPU."""
-        return self.n_kv_heads, torch.float32, torch.device("cpu")
+        """(KV heads, dtype, device) of the cache the native step reads: float16 on the CPU
+        (as llama.cpp's default; half the bytes a long context costs per decoded token)."""
+        return self.n_kv_heads, torch.float16, torch.device("cpu")
 
     def parameters(self) -> list[torch.Tensor]:
         """The weight tensors (views of the file where possible), as nn.Module.parameters."""
