@@ -48,12 +48,14 @@ def awq_search_scale(
     if x.shape[1] != wf.shape[1]:
         raise ValueError(f"x_calib has {x.shape[1]} channels, the weight has K={wf.shape[1]}")
     x_mean = x.abs().mean(0)
+    # ||X D^T||^2 = sum(D (X^T X) * D) for D = W_hat - W: M K^2 instead of M K n per grid point.
+    gram = x.t() @ x if x.shape[0] > x.shape[1] else None  # (K, K)
     best_err, best_s = float("inf"), torch.ones_like(x_mean)
     for i in range(grid):
         s = x_mean.pow(i / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        w_hat = fake_quantize(wf * s, bits, group_size, symmetric) / s
-        err = (x @ (w_hat - wf).t()).pow(2).sum().item()
+        d = fake_quantize(wf * s, bits, group_size, symmetric) / s - wf  # (M, K)
+        err = ((d @ gram) * d).sum().item() if gram is not None else (x @ d.t()).pow(2).sum().item()
         if err < best_err:
             best_err, best_s = err, s
     return best_s
