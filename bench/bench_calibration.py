@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cal = CalibrationConfig(DEFAULT_CALIBRATION_TEXT)  # the CLI's default; the library has none
     if a.calib == "wiki-tail":
-        tail = Path("/tmp") / "miaotui_calib_wiki_tail.txt"
-        tail.write_text(text[WIKI_TAIL:], encoding="utf-8")
-        cal = replace(cal, text_path=tail)
+        cal = replace(cal, text_path=WIKI, start_char=WIKI_TAIL)
     elif a.calib != "default":
         cal = replace(cal, text_path=Path(a.calib))
     if a.calib_windows:
@@ -90,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure(spec, model, ppl_ids, prompts, ref_logits, ref_greedy, a, dt))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = {
-        "calibration": f"{cal.text_path.name}: {cal.num_windows} x {cal.window} tokens",
+        "calibration": f"{cal.text_path.name} from character {cal.start_char}: "
+        f"{cal.num_windows} x {cal.window} tokens",
         "held_out": f"wiki_dev.txt head: {len(ppl_ids)} tokens, window {a.window}/{a.stride}",
         "set": a.set,
         "rows": rows,

@@ -24,6 +24,9 @@ class CalibrationConfig:
 
     text_path: Path | None = None
     """Plain text file read in place; None: none given (calibrated transforms refuse to run)."""
+    start_char: int = 0
+    """Characters of the text skipped before the first window: one file can then calibrate
+    (its tail) and evaluate (its head) without overlap, e.g. 400_000 into wiki_dev.txt."""
     num_windows: int = 16
     """Number of token windows."""
     window: int = 256
@@ -34,6 +37,13 @@ class CalibrationConfig:
     """Keep this many input rows per linear (AWQ scale search, least squares)."""
     hidden_states: bool = False
     """Keep each block's input and output hidden states (layer pruning)."""
+
+    def __post_init__(self) -> None:
+        if self.start_char < 0:
+            raise InvalidRequestError(
+                f"calibration start_char={self.start_char} must be >= 0 (characters skipped)",
+                "start_char",
+            )
 
 
 @dataclass
@@ -71,14 +81,15 @@ class Calibration:
 
 
 def calibration_windows(tokenizer, cfg: CalibrationConfig) -> list[list[int]]:
-    """`num_windows` consecutive windows of `window` tokens from the calibration text."""
+    """`num_windows` consecutive windows of `window` tokens from the calibration text, starting
+    `start_char` characters in."""
     if cfg.text_path is None:
         raise InvalidRequestError(
             "calibrated transforms (gptq, awq, smoothquant, wanda, sparsegpt, structured) need "
             "calibration text: pass --calibration-text PATH, or CalibrationConfig(text_path=...)",
             "calibration_text",
         )
-    text = Path(cfg.text_path).read_text(encoding="utf-8", errors="replace")
+    text = Path(cfg.text_path).read_text(encoding="utf-8", errors="replace")[cfg.start_char :]
     need = cfg.num_windows * cfg.window
     ids = tokenizer.encode(text[: need * 8], add_special=False)
     if len(ids) < need:
