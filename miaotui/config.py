@@ -119,7 +119,9 @@ class DeviceConfig:
     dtype: str = "fp32"
     """Activation/weight float type: "fp32", "bf16" or "fp16"."""
     threads: int | None = None
-    """CPU intra-op threads; None leaves torch's setting alone."""
+    """CPU threads. None: torch's setting is left alone, and the native step (one native call
+    per step, which has its own pool) uses the CPUs no other process keeps busy. With the native
+    step, torch's own ops (sampling) run on one thread so they do not compete with its pool."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):

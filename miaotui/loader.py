@@ -21,7 +21,7 @@ from miaotui.engine.runner import ModelRunner, num_cache_blocks
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.model.build import build_model
-from miaotui.model.native_step import build_native_step
+from miaotui.model.native_step import NativeStepModel, build_native_step
 from miaotui.model.transformer import Transformer
 from miaotui.tokenizer import TextTokenizer
 
@@ -34,6 +34,12 @@ def build_engine(cfg: EngineConfig) -> LLMEngine:
     ckpt = open_checkpoint(cfg.model)
     tokenizer = load_tokenizer(ckpt)
     model = load_model(ckpt, cfg, tokenizer)
+    if isinstance(model, NativeStepModel):
+        # The native step brings its own thread pool; torch's OpenMP workers would spin for a
+        # millisecond after every sampling op and take a core from it (measured: batch-16
+        # decode steps 2x slower). torch's side work (sampling) runs on one thread.
+        log.info("native step: %d pool threads; torch ops on 1 thread", model.threads)
+        torch.set_num_threads(1)
     engine = engine_for_model(model, tokenizer, cfg)
     log.info("loaded %s in %.2f s", ckpt.path.name, time.perf_counter() - t0)
     return engine

@@ -82,7 +82,9 @@ struct QuantActs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Thread pool: one job at a time, items claimed by CAS on (generation << 32 | next item).
+// Thread pool: one job at a time. Items are claimed by CAS on one word holding the job's
+// generation, its item count and the next item, so a claim can never mix one job's count with
+// another's (a worker waking late sees a stale generation and stops).
 
 class ThreadPool {
  public:
@@ -106,27 +108,44 @@ class ThreadPool {
       for (int64_t i = 0; i < n; ++i) f(i);
       return;
     }
-    using Fn = std::remove_reference_t<F>;
-    ctx_ = const_cast<void*>(static_cast<const void*>(&f));
-    call_ = [](void* c, int64_t i) { (*static_cast<Fn*>(c))(i); };
-    total_ = n;
+    for (int64_t base = 0; base < n; base += MAX_ITEMS) {  // jobs above 2^20 items: in slices
+      const int64_t count = std::min(MAX_ITEMS, n - base);
+      auto slice = [&](int64_t i) { f(base + i); };
+      run_job(count, slice);
+    }
+  }
+
+ private:
+  static constexpr int ITEM_BITS = 20, GEN_BITS = 24;
+  static constexpr int64_t MAX_ITEMS = int64_t{1} << ITEM_BITS;
+  static constexpr uint64_t ITEM_MASK = (uint64_t{1} << ITEM_BITS) - 1;
+  static constexpr int SPIN_US = 50;
+
+  static uint64_t pack(uint64_t gen, uint64_t total, uint64_t next) {
+    return (gen << (2 * ITEM_BITS)) | (total << ITEM_BITS) | next;
+  }
+  static uint32_t gen_of(uint64_t v) { return static_cast<uint32_t>(v >> (2 * ITEM_BITS)); }
+
+  template <class F>
+  void run_job(int64_t n, F& f) {
+    ctx_ = static_cast<void*>(&f);
+    call_ = [](void* c, int64_t i) { (*static_cast<F*>(c))(i); };
     done_.store(0, std::memory_order_relaxed);
-    ++gen_;
-    claim_.store(static_cast<uint64_t>(gen_) << 32, std::memory_order_release);
+    gen_ = (gen_ + 1) & ((1u << GEN_BITS) - 1);
+    claim_.store(pack(gen_, static_cast<uint64_t>(n), 0), std::memory_order_release);
     epoch_.fetch_add(1);
     if (sleepers_.load() > 0) epoch_.notify_all();
     work(gen_);
     wait_done(n);
   }
 
- private:
   void work(uint32_t g) {
     uint64_t v = claim_.load(std::memory_order_acquire);
-    while (static_cast<uint32_t>(v >> 32) == g) {
-      const int64_t i = static_cast<int64_t>(v & 0xffffffffu);
-      if (i >= total_) return;
+    while (gen_of(v) == g) {
+      const uint64_t total = (v >> ITEM_BITS) & ITEM_MASK, next = v & ITEM_MASK;
+      if (next >= total) return;
       if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-        call_(ctx_, i);
+        call_(ctx_, static_cast<int64_t>(next));  // job g cannot finish before this item
         done_.fetch_add(1, std::memory_order_release);
         v = claim_.load(std::memory_order_acquire);
       }
@@ -138,7 +157,7 @@ class ThreadPool {
     for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
       _mm_pause();
       // A worker holding an item may have been descheduled: after ~50 us, give the core away.
-      if ((spins & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(50))
+      if ((spins & 255) == 255 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(SPIN_US))
         sched_yield();
     }
   }
@@ -148,7 +167,7 @@ class ThreadPool {
     while (!stop_.load()) {
       auto t0 = std::chrono::steady_clock::now();
       for (int spins = 0;; ++spins) {
-        const uint32_t g = static_cast<uint32_t>(claim_.load(std::memory_order_acquire) >> 32);
+        const uint32_t g = gen_of(claim_.load(std::memory_order_acquire));
         if (stop_.load()) return;
         if (g != seen) {
           seen = g;
@@ -160,14 +179,13 @@ class ThreadPool {
         if (std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(SPIN_US)) continue;
         const uint32_t e = epoch_.load();
         sleepers_.fetch_add(1);
-        if (static_cast<uint32_t>(claim_.load() >> 32) == seen && !stop_.load()) epoch_.wait(e);
+        if (gen_of(claim_.load()) == seen && !stop_.load()) epoch_.wait(e);
         sleepers_.fetch_sub(1);
         t0 = std::chrono::steady_clock::now();
       }
     }
   }
 
-  static constexpr int SPIN_US = 50;
   const int size_;
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> claim_{0};
@@ -176,7 +194,6 @@ class ThreadPool {
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   uint32_t gen_ = 0;
-  int64_t total_ = 0;
   void* ctx_ = nullptr;
   void (*call_)(void*, int64_t) = nullptr;
 };
