@@ -156,7 +156,7 @@ def _transform_and_save(a: argparse.Namespace, spec: str) -> None:
     tokenizer = load_tokenizer(ckpt)
     progress = sys.stderr.isatty()
     model = build_model(ckpt, torch.device("cpu"), torch.float32, progress=progress)
-    calibration = CalibrationConfig(text_path=a.calibration_text)
+    calibration = CalibrationConfig(text_path=a.calibration_text, start_char=a.calibration_start)
     model = apply_transforms(model, specs, TransformContext(tokenizer, calibration, progress))
     save_transformed(model, ckpt, a.output, specs_text)
     print(f"miaotui: wrote {a.output} ({specs_text})", file=sys.stderr)

@@ -300,6 +300,8 @@ class EngineConfig:
     tensor/pipeline-parallel ranks run). "float": every tensor decoded to `device.dtype`."""
     transforms: str = ""
     """Quantize/prune specs applied at load, joined by "+" (see transforms/spec.py)."""
+    calibration_start: int = 0
+    """Characters of the calibration text skipped before its first window."""
     calibration_text: str | None = None
     """Plain-text file the calibrated load-time transforms read (GPTQ, AWQ, SmoothQuant, Wanda,
     SparseGPT); None: they refuse to run. The CLI gives a default, the library does not."""

@@ -64,7 +64,8 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
     specs = parse_specs(cfg.transforms)  # fail fast on a bad spec, before loading
     model = build_model(ckpt, device, dtype, "float", progress=cfg.progress)
     text = Path(cfg.calibration_text) if cfg.calibration_text else None
-    ctx = TransformContext(tokenizer, CalibrationConfig(text_path=text), cfg.progress)
+    calibration = CalibrationConfig(text_path=text, start_char=cfg.calibration_start)
+    ctx = TransformContext(tokenizer, calibration, cfg.progress)
     return apply_transforms(model, specs, ctx)
 
 

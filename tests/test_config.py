@@ -108,6 +108,8 @@ def test_data_paths_and_env_are_cli_defaults(monkeypatch):
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     cfg = engine_config(parser.parse_args([]), max_waiting=7)
-    assert cfg.calibration_text == str(DEFAULT_CALIBRATION_TEXT)
+    assert (
+        cfg.calibration_text == str(DEFAULT_CALIBRATION_TEXT) and cfg.calibration_start == 400_000
+    )
     assert DEFAULT_CALIBRATION_TEXT.is_file()
     assert cfg.device.threads == 3 and cfg.scheduler.max_waiting == 7
