@@ -102,4 +102,3 @@ class ModelRunner:
             self.model.hidden_states(inp.input_ids, inp.meta, self.kv_cache)
             return torch.empty(0, self.model.config.vocab_size)
         return self.model(inp.input_ids, inp.meta, self.kv_cache, inp.logits_index)
-
