@@ -10,9 +10,12 @@ model, unstructured pruning at 25 % and 50 % (magnitude, Wanda, SparseGPT), 2:4,
 GQA groups) with a quarter of the MLP channels, GGUF native, int4-rtn-g32 and Wanda 50 % +
 int4-rtn-g32. Then it adds, per configuration:
 
-* ratios against fp32 measured in the same command: perplexity, decode speed-up, size;
+* ratios against fp32 measured in the same command: perplexity, decode speed-up, size; for
+  the configurations that can change speed (`--speed-pairs`) the decode speed-up is measured
+  again, each between two fp32 runs (`paired_speed`), because the machine's load drifts
+  during the hour the compare takes;
 * `sparse_mib`: the bytes of the weights with every pruned (unstructured / N:M) matrix stored
-  as a bitmask + kept fp32 values (transforms/sparse.py BitmaskSparse), the compact storage;
+  as a bitmask + kept fp32 values (kernels/sparse.py BitmaskSparse), the compact storage;
   the dense fp32 engine still reads `weights_mib` per decoded token;
 
 checks the issue's targets and draws ppl against decode tok/s and against size (one plot,
@@ -118,13 +121,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r.get("ppl") and r.get("decode_tok_s")]
+    pts = [r for r in rows if r.get("ppl") and r.get("decode_speedup")]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for r in pts:
         c = COLORS[family(r["config"])]
         label = r["config"].removeprefix("prune-")
         size = r.get("sparse_mib") or r.get("weights_mib")
-        for ax, x in ((a1, r["decode_tok_s"]), (a2, size)):
+        for ax, x in ((a1, r["decode_speedup"]), (a2, size)):
             if x is None:
                 continue
             ax.scatter(x, r["ppl"], color=c, s=22)
@@ -134,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for fam, c in COLORS.items():
         a1.scatter([], [], color=c, label=fam)
     a1.legend(fontsize=7, loc="upper left")
-    a1.set_xlabel("decode tok/s, 1 stream, 2 threads (higher is better)")
+    a1.set_xlabel("decode speed-up vs fp32, 1 stream (paired runs where measured)")
     a2.set_xlabel("weights MiB (unstructured: bitmask + fp32 values)")
     a1.set_ylabel("perplexity, wiki_dev.txt (lower is better)")
     a1.set_yscale("log")
@@ -146,11 +149,66 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+SPEED_CONFIGS = [
+    "prune-wanda-0.5",  # dense kernels: a control, expected ~1.0
+    "prune-layers-0.1",
+    "prune-layers-0.2",
+    "prune-layers-0.3",
+    "prune-channels-0.1",
+    "prune-channels-0.2",
+    "prune-channels-0.3",
+    "prune-heads-0.33+prune-channels-0.25",
+    "native",
+    "int4-rtn-g32",
+    "prune-wanda-0.5+int4-rtn-g32",
+]
+
+
+def paired_speed(configs: list[str], a: argparse.Namespace) -> dict[str, dict]:
+    """Decode tok/s of each config between two fp32 runs (fp32, c1, fp32, c2, fp32, ...): the
+    load on a shared machine drifts over the hour a compare takes, so each speed-up is taken
+    against the fp32 runs right before and after it."""
+    from miaotui.eval.cli import config_args
+
+    out = a.out / "pairs"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def decode(name: str, i: int) -> float | None:
+        path = out / f"{i:02d}-{name}.json"
+        cmd = [sys.executable, "-m", "miaotui.cli", "bench", *config_args(name)]
+        cmd += ["--threads", str(a.threads), "--prompt-tokens", "64", "--new-tokens", "128"]
+        cmd += ["--batch", "1", "--repeats", "3", "--json", str(path)]
+        cmd += ["--model", a.model] if a.model else []
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            print(f"[pairs] {name} failed: {proc.stderr[-500:]!r}", file=sys.stderr)
+            return None
+        return json.loads(path.read_text())["decode_tok_s"]
+
+    result: dict[str, dict] = {}
+    before = decode("fp32", 0)
+    for i, c in enumerate(configs, start=1):
+        print(f"[pairs] {c}", file=sys.stderr)
+        tok_s = decode(c, 2 * i - 1)
+        after = decode("fp32", 2 * i)
+        if tok_s and before and after:
+            base = (before + after) / 2
+            result[c] = {
+                "decode_tok_s": round(tok_s, 2),
+                "fp32_decode_tok_s": round(base, 2),
+                "decode_speedup": round(tok_s / base, 3),
+            }
+        before = after
+    return result
+
+
 def summarize(rows: list[dict], base: dict) -> dict:
     for r in rows:
         if r.get("ppl") and base.get("ppl"):
             r["ppl_ratio"] = round(r["ppl"] / base["ppl"], 4)
-        if r.get("decode_tok_s") and base.get("decode_tok_s"):
+        if r.get("paired_decode_speedup"):
+            r["decode_speedup"] = r["paired_decode_speedup"]
+        elif r.get("decode_tok_s") and base.get("decode_tok_s"):
             r["decode_speedup"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
         size = r.get("sparse_mib") or r.get("weights_mib")
         if size and base.get("weights_mib"):
@@ -191,6 +249,11 @@ def main() -> None:
     # 2-5x slower forward passes under load); ratios in one command are what count.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="reuse OUT/compare.json")
+    ap.add_argument(
+        "--speed-pairs",
+        default=",".join(SPEED_CONFIGS),
+        help="configs whose decode speed-up is re-measured between fp32 runs ('' for none)",
+    )
     a = ap.parse_args()
 
     t0 = time.time()
@@ -208,10 +271,19 @@ def main() -> None:
             s = sparse_mib(r["config"], base["weights_mib"], n_lin)
             if s is not None:
                 r["sparse_mib"] = round(s, 1)
+    pairs_path = a.out / "pairs.json"
+    configs = [c for c in a.speed_pairs.split(",") if c]
+    if configs and not (a.report_only and pairs_path.exists()):
+        pairs_path.write_text(json.dumps(paired_speed(configs, a), indent=1))
+    pairs = json.loads(pairs_path.read_text()) if pairs_path.exists() else {}
+    for r in rows:
+        if r["config"] in pairs:
+            r["paired_decode_speedup"] = pairs[r["config"]]["decode_speedup"]
     targets = summarize(rows, base)
     plot(rows, a.out / "prune_quant.png")
     keys = ("config", "ppl", "ppl_ratio", "social_iqa", "strategyqa", "truthful_qa_mc")
-    keys += ("decode_tok_s", "decode_speedup", "weights_mib", "sparse_mib", "size_ratio")
+    keys += ("decode_tok_s", "decode_speedup", "paired_decode_speedup", "weights_mib")
+    keys += ("sparse_mib", "size_ratio")
     result = {
         "benchmark": "pruning (and quantization) vs unpruned fp32, miaotui compare",
         "limit": a.limit,
