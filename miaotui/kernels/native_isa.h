@@ -133,58 +133,56 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* 
 // ---------------------------------------------------------------------------------------------
 // R weight rows x T activation rows over the whole K, one fp32 accumulator per (row, act row).
 // Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q8_0: w = d q. Per block b:
-//   sum_k w_k x_k = d_w d_x sum(q * xq) + m_w s_x      (m_w = -8 d_w for Q4_0, 0 for Q8_0),
-// the integer sums accumulated per block in the inner loop, the m_w s_x term afterwards as one
-// dot product over the blocks. The row scales are decoded once per row, not once per act row.
+//   sum_k w_k x_k = d_w d_x sum(q * xq) + m_w s_x      (m_w = -8 d_w for Q4_0, 0 for Q8_0).
+// The fp16 scales are broadcast and converted in the vector unit (no scalar round trip), and the
+// m_w s_x term goes into the same 8-lane accumulator as m_w (s_x / 8) per lane (exact scaling),
+// so one pass over each block does everything.
 
-constexpr int64_t MAX_BLOCKS = 512;  // K <= 16384
-
-template <int QT, int R>
-inline void decode_scales(const uint8_t* w, int64_t rb, int64_t nb, float (*wd)[MAX_BLOCKS], float (*wm)[MAX_BLOCKS]) {
-  constexpr int64_t BS = block_bytes(QT);
-  for (int r = 0; r < R; ++r)
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* blk = w + r * rb + b * BS;
-      wd[r][b] = half_to_float(blk);
-      if constexpr (QT == QT_Q4_1) wm[r][b] = half_to_float(blk + 2);
-      if constexpr (QT == QT_Q4_0) wm[r][b] = -8.0f * wd[r][b];
-    }
+// fp16 at p -> 8 lanes of its float value.
+inline __m256 half_bcast(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
 }
 
 template <int QT, int R, int T>
 inline void dot_tile(const uint8_t* w, int64_t rb, const int8_t* xq, const float* xd, const float* xs, int64_t K,
-                     int64_t nb, const float (*wd)[MAX_BLOCKS], const float (*wm)[MAX_BLOCKS], float* res) {
+                     int64_t nb, float* res) {
   constexpr int64_t BS = block_bytes(QT);
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
+    __m256 dx[T], sx[T];
+    for (int t = 0; t < T; ++t) {
+      xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
+      dx[t] = _mm256_set1_ps(xd[t * nb + b]);
+      if constexpr (QT != QT_Q8_0) sx[t] = _mm256_set1_ps(xs[t * nb + b] * 0.125f);
+    }
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + r * rb + b * BS;
+      const __m256 dw = half_bcast(blk);
       if constexpr (QT == QT_Q8_0) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
         const __m256i u = _mm256_sign_epi8(q, q);  // |q| as u8 (|-128| = 128 fits)
         for (int t = 0; t < T; ++t) {
           const __m256i p = dot_u8s8(u, _mm256_sign_epi8(xv[t], q));
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd[r][b] * xd[t * nb + b]), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
         }
       } else {
         const __m256i u = nibbles(blk + (QT == QT_Q4_1 ? 4 : 2));
+        const __m256 mw = QT == QT_Q4_1 ? half_bcast(blk + 2) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         for (int t = 0; t < T; ++t) {
           const __m256i p = dot_u8s8(u, xv[t]);
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(wd[r][b] * xd[t * nb + b]), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(mw, sx[t], acc[r][t]);
         }
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      float m = 0.0f;
-      if constexpr (QT != QT_Q8_0) m = dot_f32(wm[r], xs + t * nb, nb);
-      res[r * T + t] = hsum(acc[r][t]) + m;
-    }
+    for (int t = 0; t < T; ++t) res[r * T + t] = hsum(acc[r][t]);
 }
 
 // Tile sizes: 16 ymm registers on AVX2 hold a 4 x 2 tile; AVX-512VL has 32 for 4 x 4.
@@ -200,8 +198,6 @@ template <int QT, int R>
 inline void rows_x_acts(const uint8_t* w, int64_t rb, const QuantActs& a, int64_t r0, float* out, int64_t ldo,
                         const float* bias) {
   const int64_t K = a.K, nb = K / QK;
-  float wd[R][MAX_BLOCKS], wm[R][MAX_BLOCKS];
-  decode_scales<QT, R>(w, rb, nb, wd, wm);
   float res[TILE_R * TILE_T];
   for (int64_t t0 = 0; t0 < a.N; t0 += TILE_T) {
     const int64_t nt = std::min<int64_t>(TILE_T, a.N - t0);
@@ -212,7 +208,7 @@ inline void rows_x_acts(const uint8_t* w, int64_t rb, const QuantActs& a, int64_
     switch (T) {
 #define MIAOTUI_T_CASE(TT) \
   case TT:                 \
-    if constexpr (TT <= TILE_T) dot_tile<QT, R, TT>(w, rb, xq, xd, xs, K, nb, wd, wm, res); \
+    if constexpr (TT <= TILE_T) dot_tile<QT, R, TT>(w, rb, xq, xd, xs, K, nb, res); \
     break;
       MIAOTUI_T_CASE(1)
       MIAOTUI_T_CASE(2)

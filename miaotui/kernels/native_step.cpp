@@ -63,7 +63,6 @@ Weight make_weight(const at::Tensor& t, int64_t qtype, int64_t cols, const char*
               " must be a contiguous uint8 (rows, row_bytes) tensor");
   TORCH_CHECK(cols % QK == 0 && t.size(1) == cols / QK * block_bytes(static_cast<int>(qtype)), name, ": ",
               t.size(1), " bytes per row do not hold ", cols, " values of type ", qtype);
-  TORCH_CHECK(cols <= QK * 512, name, ": K = ", cols, " is above the native step's limit of 16384");
   return Weight{t, t.data_ptr<uint8_t>(), t.size(0), cols, t.size(1), static_cast<int>(qtype)};
 }
 
