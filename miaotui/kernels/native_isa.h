@@ -86,13 +86,6 @@ inline __m256 load_half8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// q (float) . k (float16), n % 8 == 0.
-inline float dot_f16(const float* q, const uint16_t* k, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_half8(k + i), acc);
-  return hsum(acc);
-}
-
 // n floats -> float16 (round to nearest even), n % 8 == 0.
 void to_half(const float* x, int64_t n, uint16_t* y) {
   for (int64_t i = 0; i < n; i += 8)
@@ -306,9 +299,27 @@ void rope_heads(float* x, int64_t n_heads, int64_t D, const float* cos, const fl
 void attend_split(const float* q, int64_t G, const uint16_t* kc, const uint16_t* vc, int64_t kv_stride,
                   const int64_t* slots, int64_t n, int64_t D, float scale, float* scores, float* m, float* l,
                   float* acc) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* k = kc + slots[j] * kv_stride;
-    for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot_f16(q + g * D, k, D) * scale;
+  const int64_t nv = D / 8;
+  // K/V rows are scattered through the paged cache (one row per slot per KV head): fetch them
+  // ahead, the hardware prefetcher does not follow the slot list (measured 3 GB/s without).
+  constexpr int64_t AHEAD = 8;
+  const int64_t row_bytes = D * 2;
+  auto prefetch_row = [&](const uint16_t* base, int64_t j) {
+    const char* p = reinterpret_cast<const char*>(base + slots[j] * kv_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  };
+  for (int64_t j = 0; j < std::min(n, AHEAD); ++j) prefetch_row(kc, j);
+  for (int64_t j = 0; j < n; ++j) {  // each K row converted once for the G heads
+    if (j + AHEAD < n) prefetch_row(kc, j + AHEAD);
+    const uint16_t* kh = kc + slots[j] * kv_stride;
+    __m256 k[MAX_HEAD_DIM / 8];
+    for (int64_t c = 0; c < nv; ++c) k[c] = load_half8(kh + 8 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+      for (int64_t c = 1; c < nv; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), k[c], acc);
+      scores[g * n + j] = hsum(acc) * scale;
+    }
   }
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores + g * n;
@@ -337,10 +348,11 @@ void attend_split(const float* q, int64_t G, const uint16_t* kc, const uint16_t*
     m[g] = mg;
     l[g] = sum;
   }
-  const int64_t nv = D / 8;
   for (int64_t g = 0; g < G; ++g)
     for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, _mm256_setzero_ps());
+  for (int64_t j = 0; j < std::min(n, AHEAD); ++j) prefetch_row(vc, j);
   for (int64_t j = 0; j < n; ++j) {
+    if (j + AHEAD < n) prefetch_row(vc, j + AHEAD);
     const uint16_t* vh = vc + slots[j] * kv_stride;
     __m256 v[MAX_HEAD_DIM / 8];
     for (int64_t c = 0; c < nv; ++c) v[c] = load_half8(vh + 8 * c);
