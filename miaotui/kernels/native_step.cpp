@@ -66,7 +66,7 @@ Weight make_weight(const at::Tensor& t, int64_t qtype, int64_t cols, const char*
   return Weight{t, t.data_ptr<uint8_t>(), t.size(0), cols, t.size(1), static_cast<int>(qtype)};
 }
 
-// Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) (N, K/32).
+// Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) / 8 (N, K/32).
 struct QuantActs {
   int64_t N = 0, K = 0;
   std::vector<int8_t> q;
