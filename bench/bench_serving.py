@@ -33,7 +33,7 @@ import httpx
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
-from health import wait_healthy  # noqa: E402  (bench/health.py, next to this file)
+from health import stop_process, wait_healthy  # noqa: E402  (bench/health.py, next to this file)
 
 try:  # bench/peers.py: llama.cpp peers built by bench/setup_peers.sh (optional)
     import peers
@@ -193,12 +193,7 @@ def our_server(a: argparse.Namespace):
         wait_healthy(url, proc, log_path, timeout=600)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def bench_peer(a: argparse.Namespace, prompts) -> dict:

@@ -37,3 +37,13 @@ def _tail(log: Path, n: int = 3000) -> str:
         return log.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within `grace_s` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

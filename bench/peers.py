@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from health import wait_healthy  # bench/health.py, next to this file
+from health import stop_process, wait_healthy  # bench/health.py, next to this file
 
 BENCH_DIR = Path(__file__).resolve().parent
 LLAMA_TOOLS = (
@@ -333,12 +333,7 @@ def start_llama_server(
         wait_healthy(url, proc, log_path, startup_timeout)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _post(url: str, body: dict, timeout: float) -> dict:

@@ -64,16 +64,9 @@ class NativeStepModel:
         return []
 
     @property
-    def isa(self) -> str:
-        """Instruction set the kernels run on here: "avx2" or "vnni"."""
-        return self.native.isa
-
-    @property
     def threads(self) -> int:
+        """Threads of the native step's pool."""
         return self.native.threads
-
-    def set_threads(self, n: int) -> None:
-        self.native.set_threads(n)
 
     def __call__(
         self,

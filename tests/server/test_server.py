@@ -32,7 +32,7 @@ import httpx
 import openai
 import pytest
 
-from bench.health import wait_healthy
+from bench.health import stop_process, wait_healthy
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.llm import LLM, GenerationResult
 from miaotui.sampling_params import SamplingParams
@@ -75,12 +75,7 @@ def stack(smollm_native, one_thread):
         wait_healthy(url, proc, log, timeout=240)
         yield Stack(url, llm, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
