@@ -288,76 +288,118 @@ void rope_heads(float* x, int64_t n_heads, int64_t D, const float* cos, const fl
   }
 }
 
-// The G query heads sharing one KV head against context keys [0, n) of `slots` (one split of
-// a longer context): scores, then an unnormalised softmax relative to this split's maximum.
-// Writes m[g] (max score), l[g] (sum of exp) and acc[g * D..] (sum of exp * v); splits are
-// merged by merge_splits. Each K and V row is read once for the G heads. `scores`: G * n floats.
-void attend_split(const float* q, int64_t G, const uint16_t* kc, const uint16_t* vc, int64_t kv_stride,
-                  const int64_t* slots, int64_t n, int64_t D, float scale, float* scores, float* m, float* l,
-                  float* acc) {
-  const int64_t nv = D / 8;
+// Lane i of the result = the sum of v[i]'s eight lanes, as ((0+1)+(2+3))+((4+5)+(6+7)): eight
+// dot products finished at once, each by the same tree whatever the other seven hold.
+inline __m256 reduce8(const __m256* v) {
+  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// sc[0, n) <- exp(sc - max); *m = max, *l = sum of the exps.
+inline void softmax_row(float* sc, int64_t n, float* m, float* l) {
+  __m256 mx = _mm256_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + j));
+  float mg = hmax(mx);
+  for (; j < n; ++j) mg = std::max(mg, sc[j]);
+  const __m256 mv = _mm256_set1_ps(mg);
+  __m256 sv = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
+    _mm256_storeu_ps(sc + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum(sv);
+  if (j < n) {  // tail through the same vector exp, padded with -inf (exp -> 0)
+    alignas(32) float tail[8];
+    for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? sc[j + i] - mg : -INFINITY;
+    _mm256_store_ps(tail, exp_ps(_mm256_load_ps(tail)));
+    for (int64_t i = 0; j + i < n; ++i) {
+      sc[j + i] = tail[i];
+      sum += tail[i];
+    }
+  }
+  *m = mg;
+  *l = sum;
+}
+
+// One attention work item: T consecutive query tokens of one sequence, each with the G query
+// heads that share one KV head (row r = t * G + g, token t's heads at q + t * q_stride), against
+// keys [0, n_keys[t]) of one split of the context (`slots`: the split's cache slots, n_keys[T-1]
+// of them, the largest). Unnormalised softmax per row relative to the split's maximum: writes
+// m[r], l[r] and acc[r * D..] (sum of exp * v); splits are merged by merge_splits.
+// Each K and V row is converted to fp32 once for all T * G rows. A row's arithmetic is the same
+// whatever T is (8-key score blocks from the split start, sequential PV sums), so a token gets
+// the same output alone, in a batch, or in any prefill chunk.
+// Scratch: kbuf 8 * D, vbuf KV_SPLIT * D, scores T * G * KV_SPLIT floats. NV: D / 8 when known
+// at compile time (keeps the row's accumulators in registers), 0 for any D.
+template <int NV>
+void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t G, const int64_t* n_keys,
+                    const uint16_t* kc, const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D,
+                    float scale, float* kbuf, float* vbuf, float* scores, float* m, float* l, float* acc) {
+  const int64_t nv = NV ? NV : D / 8, n_max = n_keys[T - 1];
   // K/V rows are scattered through the paged cache (one row per slot per KV head): fetch them
   // ahead, the hardware prefetcher does not follow the slot list (measured 3 GB/s without).
   constexpr int64_t AHEAD = 8;
-  const int64_t row_bytes = D * 2;
   auto prefetch_row = [&](const uint16_t* base, int64_t j) {
+    if (j >= n_max) return;
     const char* p = reinterpret_cast<const char*>(base + slots[j] * kv_stride);
-    for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
   };
-  for (int64_t j = 0; j < std::min(n, AHEAD); ++j) prefetch_row(kc, j);
-  for (int64_t j = 0; j < n; ++j) {  // each K row converted once for the G heads
-    if (j + AHEAD < n) prefetch_row(kc, j + AHEAD);
-    const uint16_t* kh = kc + slots[j] * kv_stride;
-    __m256 k[MAX_HEAD_DIM / 8];
-    for (int64_t c = 0; c < nv; ++c) k[c] = load_half8(kh + 8 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
-      for (int64_t c = 1; c < nv; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * c), k[c], acc);
-      scores[g * n + j] = hsum(acc) * scale;
+  for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(kc, j);
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n_max; j0 += 8) {
+    for (int64_t i = 0; i < 8; ++i) {  // keys past n_max: any finite row (slot of key 0); unused
+      prefetch_row(kc, j0 + AHEAD + i);
+      const uint16_t* kh = kc + slots[j0 + i < n_max ? j0 + i : 0] * kv_stride;
+      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(kbuf + i * D + 8 * c, load_half8(kh + 8 * c));
     }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sc = scores + g * n;
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + j));
-    float mg = hmax(mx);
-    for (; j < n; ++j) mg = std::max(mg, sc[j]);
-    const __m256 mv = _mm256_set1_ps(mg);
-    __m256 sv = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
-      _mm256_storeu_ps(sc + j, e);
-      sv = _mm256_add_ps(sv, e);
-    }
-    float sum = hsum(sv);
-    if (j < n) {  // tail through the same vector exp, padded with -inf (exp -> 0)
-      alignas(32) float tail[8];
-      for (int i = 0; i < 8; ++i) tail[i] = j + i < n ? sc[j + i] - mg : -INFINITY;
-      _mm256_store_ps(tail, exp_ps(_mm256_load_ps(tail)));
-      for (int64_t i = 0; j + i < n; ++i) {
-        sc[j + i] = tail[i];
-        sum += tail[i];
+    for (int64_t t = 0; t < T; ++t) {
+      if (n_keys[t] <= j0) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qr = q + t * q_stride + g * D;
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_loadu_ps(kbuf + i * D));
+        for (int64_t c = 1; c < nv; ++c) {
+          const __m256 qc = _mm256_loadu_ps(qr + 8 * c);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kbuf + i * D + 8 * c), a[i]);
+        }
+        _mm256_storeu_ps(scores + (t * G + g) * KV_SPLIT + j0, _mm256_mul_ps(reduce8(a), sv));
       }
     }
-    m[g] = mg;
-    l[g] = sum;
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, _mm256_setzero_ps());
-  for (int64_t j = 0; j < std::min(n, AHEAD); ++j) prefetch_row(vc, j);
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + AHEAD < n) prefetch_row(vc, j + AHEAD);
-    const uint16_t* vh = vc + slots[j] * kv_stride;
-    __m256 v[MAX_HEAD_DIM / 8];
-    for (int64_t c = 0; c < nv; ++c) v[c] = load_half8(vh + 8 * c);
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < G; ++g) {
-      const __m256 p = _mm256_set1_ps(scores[g * n + j]);
-      float* a = acc + g * D;
-      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(a + 8 * c, _mm256_fmadd_ps(p, v[c], _mm256_loadu_ps(a + 8 * c)));
+      const int64_t r = t * G + g;
+      if (n_keys[t] > 0) softmax_row(scores + r * KV_SPLIT, n_keys[t], m + r, l + r);
     }
+  for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(vc, j);
+  for (int64_t j = 0; j < n_max; ++j) {
+    prefetch_row(vc, j + AHEAD);
+    const uint16_t* vh = vc + slots[j] * kv_stride;
+    for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(vbuf + j * D + 8 * c, load_half8(vh + 8 * c));
   }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = t * G + g;
+      const float* p = scores + r * KV_SPLIT;
+      __m256 o[MAX_HEAD_DIM / 8];
+      for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n_keys[t]; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vbuf + j * D + 8 * c), o[c]);
+      }
+      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + r * D + 8 * c, o[c]);
+    }
+}
+
+void attend_tile(const float* q, int64_t q_stride, int64_t T, int64_t G, const int64_t* n_keys, const uint16_t* kc,
+                 const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D, float scale, float* kbuf,
+                 float* vbuf, float* scores, float* m, float* l, float* acc) {
+  auto run = D == 64 ? attend_tile_nv<8> : attend_tile_nv<0>;
+  run(q, q_stride, T, G, n_keys, kc, vc, kv_stride, slots, D, scale, kbuf, vbuf, scores, m, l, acc);
 }
 
 // out (D) = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) over S splits of one head, M = max m_s.

@@ -38,6 +38,7 @@ namespace miaotui {
 constexpr int64_t QK = 32;  // values per block, weights and activations
 constexpr int64_t MAX_HEAD_DIM = 256;
 constexpr int64_t KV_SPLIT = 256;  // context positions per attention work item
+constexpr int64_t ATTN_TILE = 16;  // consecutive query tokens of one sequence per attention work item
 // GGML type ids (ggml.h enum ggml_type).
 constexpr int QT_F32 = 0, QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8;
 
@@ -229,14 +230,14 @@ struct Kernels {
   void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
   void (*silu_mul)(const float*, const float*, int64_t, float*);
   void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
-  void (*attend_split)(const float*, int64_t, const uint16_t*, const uint16_t*, int64_t, const int64_t*, int64_t,
-                       int64_t, float, float*, float*, float*, float*);
+  void (*attend_tile)(const float*, int64_t, int64_t, int64_t, const int64_t*, const uint16_t*, const uint16_t*,
+                      int64_t, const int64_t*, int64_t, float, float*, float*, float*, float*, float*, float*);
   void (*merge_splits)(int64_t, int64_t, const float*, const float*, const float*, int64_t, float*);
   void (*to_half)(const float*, int64_t, uint16_t*);
 };
 
 #define MIAOTUI_KERNELS(ns) \
-  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_split, ns::merge_splits, ns::to_half }
+  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_tile, ns::merge_splits, ns::to_half }
 
 bool cpu_has_vnni() {
   __builtin_cpu_init();
@@ -520,9 +521,12 @@ class NativeModel {
   }
 
   // attn_ (N, H*D) <- softmax(q K^T / sqrt(D)) V for every (token, head), causal by position.
-  // Work items are (token, KV head, split of KV_SPLIT context positions): the G query heads of
-  // a KV head read each K/V row once, and a long context is spread over all threads (split-K,
-  // merged with the softmax rescaling). Splits depend on the position only: batch-invariant.
+  // Work items are (query tile, split of KV_SPLIT context positions, KV head): a tile is up to
+  // ATTN_TILE consecutive tokens of one sequence (a prefill chunk; one token when decoding), so
+  // each K/V row is converted once for all of the tile's tokens and the G query heads of its KV
+  // head; a long context is spread over all threads (split-K, merged with the softmax
+  // rescaling). Splits depend on the position only and a row's arithmetic not on the tile:
+  // batch-invariant.
   void attention(ThreadPool& pool, const uint16_t* kc, const uint16_t* vc, const int64_t* pos, const int64_t* seq,
                  const int64_t* ks, int64_t L, int64_t N) {
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
@@ -537,17 +541,36 @@ class NativeModel {
     part_m_.resize(total * KVH_ * G);
     part_l_.resize(total * KVH_ * G);
     part_acc_.resize(total * KVH_ * G * D_);
-    // item i -> (split index over all tokens, kv head)
-    pool.run(total * KVH_, [&](int64_t i) {
-      const int64_t sp = i / KVH_, kvh = i % KVH_;
-      const int64_t n = std::upper_bound(split_base_.begin(), split_base_.end(), sp) - split_base_.begin() - 1;
-      const int64_t s = sp - split_base_[n], j0 = s * KV_SPLIT, j1 = std::min(pos[n] + 1, j0 + KV_SPLIT);
-      thread_local std::vector<float> scores;
-      if (static_cast<int64_t>(scores.size()) < G * KV_SPLIT) scores.resize(G * KV_SPLIT);
-      const int64_t slot = (sp * KVH_ + kvh) * G;  // this item's G heads in the partials
-      k_.attend_split(qkv_.data() + n * qkvd + kvh * G * D_, G, kc + kvh * D_, vc + kvh * D_, kvd,
-                      ks + seq[n] * L + j0, j1 - j0, D_, scale, scores.data(), part_m_.data() + slot,
-                      part_l_.data() + slot, part_acc_.data() + slot * D_);
+    attn_items_.clear();
+    for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
+      for (n1 = n0 + 1; n1 < N && n1 - n0 < ATTN_TILE && seq[n1] == seq[n0] && pos[n1] == pos[n1 - 1] + 1;) ++n1;
+      for (int64_t s = 0; s < split_base_[n1] - split_base_[n1 - 1]; ++s) attn_items_.push_back({n0, n1 - n0, s});
+    }
+    pool.run(static_cast<int64_t>(attn_items_.size()) * KVH_, [&](int64_t i) {
+      const AttnItem& it = attn_items_[i / KVH_];
+      const int64_t kvh = i % KVH_, j0 = it.split * KV_SPLIT;
+      thread_local std::vector<float> kbuf, vbuf, scores, m, l, acc;
+      thread_local std::vector<int64_t> n_keys;
+      kbuf.resize(8 * D_);
+      vbuf.resize(KV_SPLIT * D_);
+      scores.resize(ATTN_TILE * G * KV_SPLIT);
+      m.resize(ATTN_TILE * G);
+      l.resize(ATTN_TILE * G);
+      acc.resize(ATTN_TILE * G * D_);
+      n_keys.resize(ATTN_TILE);
+      int64_t t0 = 0;  // the tile's first token that reaches this split (positions increase)
+      while (pos[it.n0 + t0] < j0) ++t0;
+      const int64_t T = it.count - t0, n0 = it.n0 + t0;
+      for (int64_t t = 0; t < T; ++t) n_keys[t] = std::min(pos[n0 + t] + 1 - j0, KV_SPLIT);
+      k_.attend_tile(qkv_.data() + n0 * qkvd + kvh * G * D_, qkvd, T, G, n_keys.data(), kc + kvh * D_,
+                     vc + kvh * D_, kvd, ks + seq[n0] * L + j0, D_, scale, kbuf.data(), vbuf.data(), scores.data(),
+                     m.data(), l.data(), acc.data());
+      for (int64_t t = 0; t < T; ++t) {  // into the partials of (token's split, kv head, head)
+        const int64_t slot = ((split_base_[n0 + t] + it.split) * KVH_ + kvh) * G;
+        std::copy_n(m.data() + t * G, G, part_m_.data() + slot);
+        std::copy_n(l.data() + t * G, G, part_l_.data() + slot);
+        std::copy_n(acc.data() + t * G * D_, G * D_, part_acc_.data() + slot * D_);
+      }
     });
     pool.run(N * H_, [&](int64_t i) {
       const int64_t n = i / H_, h = i % H_, kvh = h / G, g = h % G;
@@ -585,6 +608,10 @@ class NativeModel {
   // per-step scratch, reused
   std::vector<float> x_, h_, qkv_, attn_, gu_, act_;
   std::vector<int64_t> split_base_;  // first split of each token
+  struct AttnItem {
+    int64_t n0, count, split;  // tokens [n0, n0 + count) of one sequence, against one split
+  };
+  std::vector<AttnItem> attn_items_;
   std::vector<float> part_m_, part_l_, part_acc_;  // attention partials per (split, kv head, head)
   QuantActs qa_;
   std::vector<LinearItem> items_;
