@@ -96,6 +96,7 @@ _ARRAY_DTYPES = {
     12: "<f8",
 }
 MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 8  # GGUF files in the wild nest arrays at most once
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == 8:
@@ -177,8 +178,10 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype, count, self.pos)
                 self.pos += count * dtype.itemsize
                 return arr.tolist()
-            if etype == 9:
-                return [self.value(9, f"{what}[{i}]") for i in range(count)]
+            if etype == 9:  # arrays of arrays: bounded, a lying file must not exhaust the stack
+                if depth >= MAX_ARRAY_DEPTH:
+                    raise self.fail(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+                return [self.value(9, f"{what}[{i}]", depth + 1) for i in range(count)]
             raise self.fail(f"{what} has unknown array element type {etype}")
         raise self.fail(f"{what} has unknown value type {vtype}")
 
@@ -207,6 +210,8 @@ def read_header(path: Path) -> GGUFHeader:
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice")
         metadata[key] = cur.value(cur.scalar("<I", key), key)
     infos = []
     for i in range(n_tensors):
@@ -218,6 +223,7 @@ def read_header(path: Path) -> GGUFHeader:
         type_id = cur.scalar("<I", name)
         offset = cur.scalar("<Q", name)
         infos.append((name, dims, type_id, offset))
+    _check_block_count(metadata, n_tensors, path)
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise ModelFormatError(f"{path}: general.alignment={alignment!r} is not a power of two")
@@ -225,6 +231,17 @@ def read_header(path: Path) -> GGUFHeader:
     whole = np.frombuffer(buf, np.uint8)
     tensors = [_tensor(whole, path, data_start, *info) for info in infos]
     return GGUFHeader(version, metadata, tensors)
+
+
+def _check_block_count(metadata: dict[str, Any], n_tensors: int, path: Path) -> None:
+    """Loaders loop over the layers the metadata declares: a file cannot have more layers than
+    tensors (each has several), so a larger count is a lie to refuse before any loop."""
+    arch = metadata.get("general.architecture")
+    blocks = metadata.get(f"{arch}.block_count") if isinstance(arch, str) else None
+    if isinstance(blocks, int) and blocks > n_tensors:
+        raise ModelFormatError(
+            f"{path}: {arch}.block_count={blocks}, but the file holds only {n_tensors} tensors"
+        )
 
 
 def _tensor(whole: np.ndarray, path: Path, start: int, name: str, dims, type_id: int, offset: int):
@@ -248,3 +265,45 @@ def _tensor(whole: np.ndarray, path: Path, start: int, name: str, dims, type_id:
     else:  # block types: rows of bytes, as gguf.GGUFReader shapes them
         data = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
     return GGUFTensor(name, dims, qtype, data)
+
+
+def check_tokenizer_metadata(meta: dict[str, Any], vocab_size: int) -> None:
+    """The tokenizer.ggml.* values have the types the GGUF spec gives them and cover the model's
+    vocabulary: a token id the model can emit has a token, and so do BOS and EOS."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ModelFormatError("GGUF file has no tokenizer.ggml.tokens (a list of strings)")
+    _check_list(meta, "tokenizer.ggml.tokens", str)
+    if len(tokens) < vocab_size:
+        raise ModelFormatError(
+            f"the GGUF tokenizer has {len(tokens)} tokens, but the model's vocabulary has "
+            f"{vocab_size}: ids {len(tokens)}..{vocab_size - 1} have no token"
+        )
+    for key, kind in (("token_type", int), ("scores", (int, float))):
+        if _check_list(meta, f"tokenizer.ggml.{key}", kind) not in (None, len(tokens)):
+            raise ModelFormatError(
+                f"tokenizer.ggml.{key} has {len(meta[f'tokenizer.ggml.{key}'])} entries for "
+                f"{len(tokens)} tokens"
+            )
+    _check_list(meta, "tokenizer.ggml.merges", str)
+    for key in ("bos_token_id", "eos_token_id"):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        if tid is not None and (not isinstance(tid, int) or not 0 <= tid < len(tokens)):
+            raise ModelFormatError(
+                f"tokenizer.ggml.{key}={tid!r} is not a token id (0..{len(tokens) - 1})"
+            )
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ModelFormatError(f"{key}={meta[key]!r:.60} is not a string")
+
+
+def _check_list(meta: dict[str, Any], key: str, kind) -> int | None:
+    """len(meta[key]) if it is a list of `kind` values, None if absent; raises otherwise."""
+    values = meta.get(key)
+    if values is None:
+        return None
+    if not isinstance(values, list) or not all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in values
+    ):
+        raise ModelFormatError(f"{key} is not a list of {getattr(kind, '__name__', 'numbers')}")
+    return len(values)
