@@ -37,22 +37,6 @@ inline float half_to_float(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// sum over 32 lanes of u8 * s8 products, as 8 int32 lanes.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if MIAOTUI_VNNI
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-// 16 packed bytes -> 32 codes 0..15: element j in the low nibble of byte j, j + 16 in the high
-// nibble (GGUF Q4_0 / Q4_1 order).
-inline __m256i nibbles(const uint8_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-}
-
 // exp(x) for x <= 0 (softmax, silu): 2^(x log2 e) as 2^n * p(f), p a degree-6 polynomial
 // (|rel. error| < 2e-7 on [-87, 0]); below -87 (and -inf) the result is 0.
 inline __m256 exp_ps(__m256 x) {
@@ -119,117 +103,147 @@ inline void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* 
     i0 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i0, i2), perm);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * QK), i0);
     d[b] = db;
-    s[b] = db * static_cast<float>(isum) * 0.125f;  // / 8: added once in each of 8 lanes
+    s[b] = db * static_cast<float>(isum);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// R weight rows x T activation rows over the whole K, one fp32 accumulator per (row, act row).
-// Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q8_0: w = d q. Per block b:
-//   sum_k w_k x_k = d_w d_x sum(q * xq) + m_w s_x      (m_w = -8 d_w for Q4_0, 0 for Q8_0).
-// The fp16 scales are broadcast and converted in the vector unit (no scalar round trip), and the
-// m_w s_x term goes into the same 8-lane accumulator as m_w (s_x / 8) per lane (exact scaling),
-// so one pass over each block does everything.
+// One row group (8 weight rows, interleaved by make_linear) x T activation rows over the whole
+// K: lane i of acc[t] is (row i, act row t). Q4_0: w = d (q - 8); Q4_1: w = d q + m; Q8_0:
+// w = d q. Per block b, for all 8 rows at once:
+//   sum_k w_k x_k = d_w d_x sum(q * xq) + m_w s_x      (s_x = d_x sum(xq); m_w = 0 for Q8_0).
+// The integer sums are exact (u8 x s8 products: Q4 codes <= 15; Q8_0 as |q| x sign-adjusted x,
+// at most 2 * 128 * 127 per pair, so the AVX2 pairwise add cannot saturate); the fp32 steps run
+// in block order for each (row, act row), whatever the tile: batch-invariant, and identical on
+// both instruction sets.
 
-// fp16 at p -> 8 lanes of its float value.
-inline __m256 half_bcast(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
+// acc + (4 consecutive u8 x s8 products summed) per 32-bit lane.
+inline __m256i dot4_add(__m256i acc, __m256i u, __m256i s) {
+#if MIAOTUI_VNNI
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 
-template <int QT, int R, int T>
-inline void dot_tile(const uint8_t* w, int64_t rb, const int8_t* xq, const float* xd, const float* xs, int64_t K,
-                     int64_t nb, float* res) {
-  constexpr int64_t BS = block_bytes(QT);
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+template <int QT, int T>
+inline void group_tile(const uint8_t* grp, int64_t nb, const int8_t* xq, int64_t K, const float* xd, const float* xs,
+                       __m256* out) {
+  constexpr int64_t GB = group_block_bytes(QT);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    // The activation scales stay in memory: broadcast operands of the multiply / fma, so the
-    // registers hold the accumulators (xs holds d * sum(q) / 8, see quantize_row).
-    __m256i xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * K + b * QK));
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * rb + b * BS;
-      const __m256 dw = half_bcast(blk);
-      if constexpr (QT == QT_Q8_0) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        const __m256i u = _mm256_sign_epi8(q, q);  // |q| as u8 (|-128| = 128 fits)
-        for (int t = 0; t < T; ++t) {
-          const __m256i p = dot_u8s8(u, _mm256_sign_epi8(xv[t], q));
-          const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + b]));
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
-        }
-      } else {
-        const __m256i u = nibbles(blk + (QT == QT_Q4_1 ? 4 : 2));
-        const __m256 mw = QT == QT_Q4_1 ? half_bcast(blk + 2) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-        for (int t = 0; t < T; ++t) {
-          const __m256i p = dot_u8s8(u, xv[t]);
-          const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + b]));
-          acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
-          acc[r][t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[t * nb + b]), acc[r][t]);
-        }
+    const uint8_t* blk = grp + b * GB;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    __m256i w[8], u[8];
+    __m256 mw = _mm256_setzero_ps();
+    if constexpr (QT == QT_Q8_0) {
+      for (int c = 0; c < 8; ++c) {
+        w[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+        u[c] = _mm256_sign_epi8(w[c], w[c]);  // |q| as u8 (|-128| = 128 fits)
+      }
+    } else {
+      mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)));
+      const __m256i lo = _mm256_set1_epi8(0x0F);
+      for (int p = 0; p < 4; ++p) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 32 * p));
+        u[p] = _mm256_and_si256(raw, lo);
+        u[p + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lo);
       }
     }
+    for (int t = 0; t < T; ++t) {
+      const int8_t* x = xq + t * K + b * QK;
+      // values 4c..4c+3 (Q8_0) or, for Q4, the order the nibbles were split in: loads 0..3 are
+      // values 4p.., loads 4..7 values 16 + 4p..
+      __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c += 2) {
+        const int8_t* x0 = QT == QT_Q8_0 ? x + 4 * c : x + (c < 4 ? 4 * c : 16 + 4 * (c - 4));
+        const int8_t* x1 = QT == QT_Q8_0 ? x + 4 * (c + 1) : x + (c + 1 < 4 ? 4 * (c + 1) : 16 + 4 * (c - 3));
+        if constexpr (QT == QT_Q8_0) {
+          p0 = dot4_add(p0, u[c], _mm256_sign_epi8(bcast4(x0), w[c]));
+          p1 = dot4_add(p1, u[c + 1], _mm256_sign_epi8(bcast4(x1), w[c + 1]));
+        } else {
+          p0 = dot4_add(p0, u[c], bcast4(x0));
+          p1 = dot4_add(p1, u[c + 1], bcast4(x1));
+        }
+      }
+      const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * (K / QK) + b]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), scale, acc[t]);
+      if constexpr (QT != QT_Q8_0) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[t * (K / QK) + b]), acc[t]);
+    }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) res[r * T + t] = hsum(acc[r][t]);
+  for (int t = 0; t < T; ++t) out[t] = acc[t];
 }
 
-// Tile sizes: 16 ymm registers on AVX2 hold a 4 x 2 tile; AVX-512VL has 32 for 4 x 4.
+// Activation rows per tile: the accumulators and the 8 unpacked code vectors fit in 16 ymm
+// registers on AVX2 for 2 rows; AVX-512VL's 32 hold 8.
 #if MIAOTUI_VNNI
-constexpr int TILE_T = 4;
+constexpr int TILE_T = 8;
 #else
 constexpr int TILE_T = 2;
 #endif
-constexpr int TILE_R = 4;
-constexpr int PREFETCH_TILES = 1;  // software prefetch distance, in tiles (2 and 4 measured no better)
 
-template <int QT, int R>
-inline void rows_x_acts(const uint8_t* w, int64_t rb, const QuantActs& a, int64_t r0, float* out, int64_t ldo,
-                        const float* bias) {
+// Rows [r0, r0 + 8) (fewer in a last, padded group) of out (N, ldo) for all activation rows.
+template <int QT>
+inline void group_x_acts(const uint8_t* grp, int64_t valid, const QuantActs& a, int64_t r0, float* out, int64_t ldo,
+                         const float* bias) {
   const int64_t K = a.K, nb = K / QK;
-  float res[TILE_R * TILE_T];
+  __m256 res[TILE_T];
+  alignas(32) float lanes[8];
   for (int64_t t0 = 0; t0 < a.N; t0 += TILE_T) {
-    const int64_t nt = std::min<int64_t>(TILE_T, a.N - t0);
+    const int T = static_cast<int>(std::min<int64_t>(TILE_T, a.N - t0));
     const int8_t* xq = a.q.data() + t0 * K;
     const float* xd = a.d.data() + t0 * nb;
     const float* xs = a.s.data() + t0 * nb;
-    int T = static_cast<int>(nt);
     switch (T) {
 #define MIAOTUI_T_CASE(TT) \
   case TT:                 \
-    if constexpr (TT <= TILE_T) dot_tile<QT, R, TT>(w, rb, xq, xd, xs, K, nb, res); \
+    if constexpr (TT <= TILE_T) group_tile<QT, TT>(grp, nb, xq, K, xd, xs, res); \
     break;
       MIAOTUI_T_CASE(1)
       MIAOTUI_T_CASE(2)
       MIAOTUI_T_CASE(3)
       MIAOTUI_T_CASE(4)
+      MIAOTUI_T_CASE(5)
+      MIAOTUI_T_CASE(6)
+      MIAOTUI_T_CASE(7)
+      MIAOTUI_T_CASE(8)
 #undef MIAOTUI_T_CASE
     }
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t)
-        out[(t0 + t) * ldo + r0 + r] = res[r * T + t] + (bias ? bias[r0 + r] : 0.0f);
+    for (int t = 0; t < T; ++t) {
+      float* o = out + (t0 + t) * ldo + r0;
+      if (valid == 8) {
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + r0) : _mm256_setzero_ps();
+        _mm256_storeu_ps(o, _mm256_add_ps(res[t], bv));
+      } else {
+        _mm256_store_ps(lanes, res[t]);
+        for (int64_t i = 0; i < valid; ++i) o[i] = lanes[i] + (bias ? bias[r0 + i] : 0.0f);
+      }
+    }
   }
 }
 
-// Rows [m0, m1) of y (N, ldo) = x W^T (+ bias) for one weight.
+constexpr int PREFETCH_GROUPS = 1;  // software prefetch distance, in row groups
+
+// Rows [m0, m1) of y (N, ldo) = x W^T (+ bias) for one weight; m0 is a multiple of 8.
 template <int QT>
 void linear_rows_qt(const Weight& W, const QuantActs& a, int64_t m0, int64_t m1, float* out, int64_t ldo,
                     const float* bias) {
-  const uint8_t* base = W.data;
-  int64_t r = m0;
-  for (; r + TILE_R <= m1; r += TILE_R) {
-    if constexpr (PREFETCH_TILES > 0) {  // measured in the model: 2-thread decode 10.1 -> 7.9 ms
-      const uint8_t* next = base + (r + PREFETCH_TILES * TILE_R) * W.row_bytes;
-      if (r + (PREFETCH_TILES + 1) * TILE_R <= m1)
-        for (int64_t off = 0; off < TILE_R * W.row_bytes; off += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T0);
+  for (int64_t r = m0; r < m1; r += ROW_GROUP) {
+    const uint8_t* grp = W.data + (r / ROW_GROUP) * W.group_bytes;
+    if constexpr (PREFETCH_GROUPS > 0) {  // the hardware prefetcher alone leaves decode ~25 % slower
+      if (r + (PREFETCH_GROUPS + 1) * ROW_GROUP <= m1)
+        for (int64_t off = 0; off < W.group_bytes; off += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(grp + PREFETCH_GROUPS * W.group_bytes + off), _MM_HINT_T0);
     }
-    rows_x_acts<QT, TILE_R>(base + r * W.row_bytes, W.row_bytes, a, r, out, ldo, bias);
+    group_x_acts<QT>(grp, std::min(ROW_GROUP, m1 - r), a, r, out, ldo, bias);
   }
-  for (; r < m1; ++r) rows_x_acts<QT, 1>(base + r * W.row_bytes, W.row_bytes, a, r, out, ldo, bias);
 }
 
 void linear_rows(const Weight& W, const QuantActs& a, int64_t m0, int64_t m1, float* out, int64_t ldo,

@@ -18,6 +18,7 @@
 // then sleep on a futex, so a busy machine is not fought over.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <immintrin.h>
@@ -49,11 +50,13 @@ constexpr int64_t block_bytes(int qt) {
 
 bool is_block_type(int qt) { return block_bytes(qt) > 0; }
 
-// A weight matrix (M, K) in GGUF blocks: row r is K/32 blocks at data + r * row_bytes.
+// A weight matrix (M, K). As an embedding table it stays in the file's encoding (GGUF blocks,
+// F32 or F16): row r is row_bytes at data + r * row_bytes, and only the rows looked up are read.
+// As a linear layer its blocks are interleaved by make_linear (below): group_bytes per 8 rows.
 struct Weight {
   at::Tensor keep;  // owns (or views) the bytes
   const uint8_t* data = nullptr;
-  int64_t rows = 0, cols = 0, row_bytes = 0;
+  int64_t rows = 0, cols = 0, row_bytes = 0, group_bytes = 0;
   int qtype = 0;
 };
 
@@ -64,10 +67,55 @@ Weight make_weight(const at::Tensor& t, int64_t qtype, int64_t cols, const char*
               " must be a contiguous uint8 (rows, row_bytes) tensor");
   TORCH_CHECK(cols % QK == 0 && t.size(1) == cols / QK * block_bytes(static_cast<int>(qtype)), name, ": ",
               t.size(1), " bytes per row do not hold ", cols, " values of type ", qtype);
-  return Weight{t, t.data_ptr<uint8_t>(), t.size(0), cols, t.size(1), static_cast<int>(qtype)};
+  return Weight{t, t.data_ptr<uint8_t>(), t.size(0), cols, t.size(1), 0, static_cast<int>(qtype)};
 }
 
-// Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) / 8 (N, K/32).
+// The linear kernels' layout: rows in groups of ROW_GROUP = 8, a group's K/32 blocks stored
+// one after the other, each group block holding, for its 8 rows,
+//   fp16 d[8] | fp16 m[8] (Q4_0 and Q4_1; Q4_0's m = -8 d, exact) | codes,
+// codes transposed so that one 32-byte load holds 4 code bytes of each of the 8 rows: load p,
+// dword i = row i's code bytes [4p, 4p + 4) (Q4: 4 loads, low nibbles are values 4p.., high
+// nibbles 16 + 4p..; Q8_0: 8 loads). A block's products for 8 rows then land in the 8 lanes of
+// one vector, and the scales multiply 8 rows at once. Same bytes as the file, rearranged.
+constexpr int64_t ROW_GROUP = 8;
+constexpr int64_t group_block_bytes(int qt) { return qt == QT_Q8_0 ? 16 + 8 * 32 : 32 + 4 * 32; }
+
+void interleave_group_block(const uint8_t* rows, int64_t row_bytes, int64_t valid, int64_t b, int qt, uint8_t* out) {
+  const int64_t bs = block_bytes(qt), code_words = qt == QT_Q8_0 ? 8 : 4;
+  uint8_t* codes = out + (qt == QT_Q8_0 ? 16 : 32);
+  for (int64_t i = 0; i < valid; ++i) {
+    const uint8_t* blk = rows + i * row_bytes + b * bs;
+    std::memcpy(out + 2 * i, blk, 2);  // d
+    const uint8_t* qs = blk + 2;
+    if (qt == QT_Q4_1) {
+      std::memcpy(out + 16 + 2 * i, blk + 2, 2);
+      qs = blk + 4;
+    } else if (qt == QT_Q4_0) {
+      uint16_t hd;
+      std::memcpy(&hd, blk, 2);
+      const uint16_t hm = _cvtss_sh(-8.0f * _cvtsh_ss(hd), 0);
+      std::memcpy(out + 16 + 2 * i, &hm, 2);
+    }
+    for (int64_t p = 0; p < code_words; ++p) std::memcpy(codes + p * 32 + 4 * i, qs + 4 * p, 4);
+  }
+}
+
+Weight make_linear(const at::Tensor& t, int64_t qtype, int64_t cols, const char* name) {
+  const Weight raw = make_weight(t, qtype, cols, name);
+  const int qt = raw.qtype;
+  const int64_t nb = cols / QK, gbb = group_block_bytes(qt), groups = (raw.rows + ROW_GROUP - 1) / ROW_GROUP;
+  at::Tensor packed = at::zeros({groups * nb * gbb}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t valid = std::min(ROW_GROUP, raw.rows - g * ROW_GROUP);  // padding rows stay zero
+    for (int64_t b = 0; b < nb; ++b)
+      interleave_group_block(raw.data + g * ROW_GROUP * raw.row_bytes, raw.row_bytes, valid, b, qt,
+                             dst + (g * nb + b) * gbb);
+  }
+  return Weight{packed, dst, raw.rows, cols, 0, nb * gbb, qt};
+}
+
+// Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) (N, K/32).
 struct QuantActs {
   int64_t N = 0, K = 0;
   std::vector<int8_t> q;
@@ -265,7 +313,7 @@ struct LinearItem {
   const float* bias;
 };
 
-// Items of ~`rows` rows (a multiple of 4) for each (weight, out, ldo, bias), in order.
+// Items of ~`rows` rows (a multiple of ROW_GROUP) for each (weight, out, ldo, bias), in order.
 void add_items(std::vector<LinearItem>& items, const Weight& w, float* out, int64_t ldo, const float* bias,
                int64_t rows) {
   for (int64_t r = 0; r < w.rows; r += rows)
@@ -280,7 +328,7 @@ int64_t item_rows(int64_t total_rows, int64_t n_acts, int threads) {
   const int64_t per_thread = n_acts >= 16 ? 16 : DECODE_ITEMS_PER_THREAD;
   int64_t rows = total_rows / std::max<int64_t>(1, threads * per_thread);
   rows = std::clamp<int64_t>(rows, 16, n_acts >= 16 ? 256 : 2048);
-  return (rows + 3) / 4 * 4;
+  return (rows + ROW_GROUP - 1) / ROW_GROUP * ROW_GROUP;
 }
 
 void run_linears(ThreadPool& pool, const Kernels& k, const QuantActs& a, std::vector<LinearItem>& items) {
@@ -369,7 +417,7 @@ class NativeModel {
     } else {
       embed_ = make_weight(embed, embed_type, dim, "tok_embeddings");
     }
-    head_ = make_weight(head, head_type, dim, "output");
+    head_ = make_linear(head, head_type, dim, "output");
     TORCH_CHECK(head_.rows == vocab && embed_.rows == vocab, "embedding / output rows must equal vocab ", vocab);
     final_norm_ = f32_vector(final_norm, dim, "norm.weight");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.size(1) == head_dim && cos.is_contiguous() &&
@@ -383,7 +431,7 @@ class NativeModel {
     auto tensor = [&](const char* key) { return d[key].cast<at::Tensor>(); };
     auto weight = [&](const char* key, int64_t cols) {
       auto [t, qt] = d[key].cast<std::tuple<at::Tensor, int64_t>>();
-      return make_weight(t, qt, cols, key);
+      return make_linear(t, qt, cols, key);
     };
     auto bias = [&](const char* key, int64_t n) {
       return d.contains(key) && !d[key].is_none() ? f32_vector(tensor(key), n, key) : at::Tensor();
@@ -624,7 +672,7 @@ class BlockLinear {
       : k_(pick_kernels(isa)), pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))) {}
   at::Tensor operator()(const at::Tensor& x_in, const at::Tensor& w_bytes, int64_t qtype, int64_t cols,
                         const c10::optional<at::Tensor>& bias) {
-    const Weight w = make_weight(w_bytes, qtype, cols, "weight");
+    const Weight w = make_linear(w_bytes, qtype, cols, "weight");
     const at::Tensor x = x_in.reshape({-1, cols}).to(at::kFloat).contiguous();
     const int64_t N = x.size(0);
     at::Tensor b;
