@@ -1,10 +1,12 @@
 """GGUF weights served by one native call per step (kernels/native_step.cpp).
 
 The decoder's whole forward pass -- embedding, every layer's norm, q/k/v, RoPE, paged attention,
-o, MLP, the final norm and the output head -- runs in C++ over the GGUF weight blocks as they lie
-in the memory-mapped file (Q4_0, Q4_1, Q8_0), with a persistent thread pool. Python only packs
-the step's tokens. Nothing is decoded to float at load except the norm vectors and biases; the
-only copies are llama's q/k rows, put back into rotate-half order (`unpermute_rows`).
+o, MLP, the final norm and the output head -- runs in C++ over the GGUF weight blocks (Q4_0,
+Q4_1, Q8_0), with a persistent thread pool. Python only packs the step's tokens. At load the
+linear weights' blocks are interleaved in groups of 8 rows (the same bytes, rearranged, never
+decoded to float) and the file pages they came from are dropped from this process; the token
+embedding is looked up row by row in the memory-mapped file. llama's q/k rows are put back into
+rotate-half order first (`unpermute_rows`).
 
 `build_native_step` returns None, with the reason logged, for anything it does not cover
 (other block types such as Q4_K, gemma3's extra norms, sliding windows, soft-capping, a non-CPU
@@ -13,7 +15,10 @@ device); the caller then builds the per-module model instead.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
+import sys
 import warnings
 
 import numpy as np
@@ -27,6 +32,7 @@ from miaotui.model.kv_cache import KVCache
 from miaotui.model.layers import Rotary
 
 log = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
 
 # GGML type ids (ggml.h) the native step reads.
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
@@ -141,9 +147,7 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
 
     def raw(name: str) -> tuple[torch.Tensor, int]:
         src = ckpt.tensors[name]
-        t = _file_bytes(src)
-        keep.append(t)
-        return t, GGML_TYPES[src.qtype]
+        return _file_bytes(src), GGML_TYPES[src.qtype]
 
     def vec(name: str) -> torch.Tensor:
         src = ckpt.tensors[name]
@@ -157,6 +161,7 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
     rotary = Rotary(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
     keep += [rotary.cos, rotary.sin]
     embed, embed_type = raw("tok_embeddings.weight")
+    keep.append(embed)  # looked up row by row in place; the linears are repacked by NativeModel
     head, head_type = (
         raw("output.weight") if "output.weight" in ckpt.tensors else (embed, embed_type)
     )
@@ -178,24 +183,41 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
         threads,
         isa,
     )
+    if ckpt.tensors["tok_embeddings.weight"].row_perm is None:
+        _drop_pages(embed)  # read by the head's repacking; lookups fault in only the rows used
     for i in range(c.n_layers):
         layer = {
             "attn_norm": vec(f"layers.{i}.attention_norm.weight"),
             "ffn_norm": vec(f"layers.{i}.ffn_norm.weight"),
         }
         for key, module in LINEARS.items():
-            layer[key] = raw(f"layers.{i}.{module}.weight")
+            name = f"layers.{i}.{module}.weight"
+            layer[key] = raw(name)
         for key in ("q", "k", "v"):
             bias = f"layers.{i}.attention.w{key}.bias"
             if bias in ckpt.tensors:
                 layer[f"b{key}"] = vec(bias)
         native.add_layer(layer)
+        for key, module in LINEARS.items():  # repacked: the file views' pages can go
+            if ckpt.tensors[f"layers.{i}.{module}.weight"].row_perm is None:
+                _drop_pages(layer[key][0])
     log.info("native step: %d layers on %s, %d threads", c.n_layers, native.isa, native.threads)
     return NativeStepModel(c, native, keep)
 
 
 def _linear_names(c: ModelConfig) -> list[str]:
     return [f"layers.{i}.{m}.weight" for i in range(c.n_layers) for m in LINEARS.values()]
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a view of the read-only file map that NativeModel has repacked:
+    the page cache keeps them, this process's RSS does not. Only for file views (on anonymous
+    memory MADV_DONTNEED would zero it)."""
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page  # pages wholly inside the view only
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start and _LIBC is not None:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
 
 
 def _file_bytes(src: TensorSource) -> torch.Tensor:
