@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from miaotui import translate
+from miaotui.audio import cli as audio_cli
 from miaotui.cli_args import (
     add_calibration_arg,
     add_engine_args,
@@ -225,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transform_commands(sub)
     server_cli.register(sub)
     eval_cli.register(sub)
+    audio_cli.register(sub)
+    translate.register(sub)
     return parser
 
 

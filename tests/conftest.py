@@ -104,3 +104,11 @@ def smollm_native():
 def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random llama GGUF (fp32) with SmolLM2's vocabulary, tokenizer and chat template."""
     return helpers.write_tiny_chat_gguf(tmp_path_factory.mktemp("tiny_chat") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    """`miaotui serve` on the default model with the chat page, speech and translation (API key
+    helpers.APP_API_KEY), shared by the application tests; its base URL."""
+    with helpers.app_server_process() as url:
+        yield url

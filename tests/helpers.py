@@ -376,3 +376,83 @@ def serve_in_thread(app, timeout: float = 30) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---- the applications: a real `miaotui serve`, a browser, Prometheus metrics ---------------------
+
+APP_API_KEY = "sk-miaotui-apps"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@contextlib.contextmanager
+def app_server_process(*extra: str, timeout: float = 240) -> Iterator[str]:
+    """`miaotui serve` on the default model in a subprocess (one thread, --api-key
+    APP_API_KEY); yields its base URL. The server's output must hold no traceback."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.health import stop_process, wait_healthy
+
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="miaotui-apps-")) / "server.log"
+    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--threads", "1"]
+    cmd += ["--max-model-len", "2048", "--api-key", APP_API_KEY, *extra]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log, timeout=timeout)
+        yield url
+    finally:
+        stop_process(proc)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[object]:
+    """Debian's Chromium driven by Playwright (headless, no sandbox: CI runs as root). Fails,
+    never skips, when either is missing, saying what to install."""
+    import pytest
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("browser tests need Playwright: pip install playwright (scripts/setup.sh)")
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"browser tests need {CHROMIUM}: apt-get install -y chromium (scripts/setup.sh)"
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def prometheus_values(url: str) -> dict[str, float]:
+    """GET /metrics as {metric name: value} (our metrics carry one label, the model name)."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split("{")[0]] = float(value)
+    return out
+
+
+def librivox_clips() -> list[tuple[Path, str]]:
+    """The five LibriVox clips of Debian's pocketsphinx-testdata (16 kHz WAV) with their
+    reference transcripts. Fails, saying what to install, when the package is missing."""
+    import pytest
+
+    from bench.bench_speech import LibriVoxMissing, load_clips
+
+    try:
+        return load_clips()
+    except LibriVoxMissing as e:
+        pytest.fail(str(e))

@@ -27,6 +27,7 @@ from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, api_error_for, error_body, error_response
 from miaotui.server.fanout import ClientGone, FanOut, Job
+from miaotui.server.page import install_page
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -118,6 +119,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
             ) from e
         return await _serve(engine, raw, req, [prompt], chat=True)
 
+    install_page(app, engine, config)  # the chat page, speech in, translation
     return app
 
 

@@ -1,0 +1,206 @@
+"""Document translation on the engine: the text is split into paragraphs of sentences, every
+sentence becomes one request and all of them are submitted at once, so continuous batching
+translates them together; the answers are put back in their paragraphs.
+
+Chat models (a chat template in the tokenizer) get an instruction; base models (Gemma 3 270M)
+a few-shot prompt of example pairs that ends where the translation starts.
+
+`miaotui translate --to fr FILE|TEXT` is registered here too (cli.py calls `register`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from miaotui.errors import InvalidRequestError
+from miaotui.sampling_params import SamplingParams
+
+LANGUAGES = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
+STYLES = ("auto", "chat", "few-shot")
+MAX_SENTENCES = 512
+"""One document's bound: each sentence is a request in the engine's queue."""
+
+# Example pairs of the few-shot prompt, one list per target language.
+_EXAMPLE_SOURCES = (
+    "The weather is nice today.",
+    "Where is the train station?",
+    "I have read this book twice, and I liked it.",
+)
+FEW_SHOT = {
+    "fr": ("Il fait beau aujourd'hui.", "Où est la gare ?", "J'ai lu ce livre deux fois, et je l'ai aimé."),
+    "de": ("Das Wetter ist heute schön.", "Wo ist der Bahnhof?", "Ich habe dieses Buch zweimal gelesen, und es hat mir gefallen."),
+    "es": ("Hace buen tiempo hoy.", "¿Dónde está la estación de tren?", "He leído este libro dos veces y me gustó."),
+    "it": ("Oggi il tempo è bello.", "Dov'è la stazione ferroviaria?", "Ho letto questo libro due volte e mi è piaciuto."),
+    "pt": ("O tempo está bom hoje.", "Onde fica a estação de trem?", "Eu li este livro duas vezes e gostei."),
+}  # fmt: skip
+
+# A sentence ends at . ! ? (and closing quotes) before whitespace and a capital, a quote or a
+# digit, unless the word before is a title such as "Mr.".
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+_TITLES = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Prof|Sr|Jr|vs|etc|e\.g|i\.e)\.$")
+
+
+@dataclass(frozen=True)
+class TranslationConfig:
+    target: str
+    """Target language code (a key of LANGUAGES)."""
+    style: str = "auto"
+    """Prompt: chat (instruction), few-shot (base models) or auto (chat if there is a template)."""
+    max_tokens: int = 160
+    """Tokens at most per translated sentence."""
+
+    def __post_init__(self) -> None:
+        if self.target not in LANGUAGES:
+            known = ", ".join(f"{k} ({v})" for k, v in LANGUAGES.items())
+            raise InvalidRequestError(
+                f"unknown target language {self.target!r}; known: {known}", "target_language"
+            )
+        if self.style not in STYLES:
+            raise InvalidRequestError(
+                f"unknown prompt style {self.style!r}; use one of {', '.join(STYLES)}", "style"
+            )
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Document:
+    paragraphs: tuple[tuple[str, ...], ...]
+    """Paragraphs (split at blank lines), each a tuple of sentences."""
+
+    @property
+    def sentences(self) -> list[str]:
+        return [s for p in self.paragraphs for s in p]
+
+    def assemble(self, translations: list[str]) -> str:
+        """The translated sentences (in `sentences` order) back in their paragraphs."""
+        assert len(translations) == len(self.sentences)
+        it = iter(translations)
+        return "\n\n".join(" ".join(next(it) for _ in p) for p in self.paragraphs)
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+    sentences: int
+    seconds: float
+
+
+def split_document(text: str) -> Document:
+    """Paragraphs at blank lines, sentences inside them; lines of a paragraph are joined."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        flat = " ".join(block.split())
+        if flat:
+            paragraphs.append(tuple(split_sentences(flat)))
+    doc = Document(tuple(paragraphs))
+    if not doc.sentences:
+        raise InvalidRequestError("nothing to translate: the text is empty", "text")
+    if len(doc.sentences) > MAX_SENTENCES:
+        raise InvalidRequestError(
+            f"the text has {len(doc.sentences)} sentences; at most {MAX_SENTENCES} per call",
+            "text",
+        )
+    return doc
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    pieces, start = [], 0
+    for m in _SENTENCE_END.finditer(paragraph):
+        head = paragraph[start : m.start()]
+        if _TITLES.search(head):
+            continue
+        pieces.append(paragraph[start : m.start()].strip())
+        start = m.end()
+    pieces.append(paragraph[start:].strip())
+    return [p for p in pieces if p]
+
+
+def resolve_style(tokenizer, style: str) -> str:
+    if style != "auto":
+        return style
+    return "chat" if tokenizer.info.chat_template else "few-shot"
+
+
+def sentence_prompt(sentence: str, tokenizer, config: TranslationConfig) -> str:
+    language = LANGUAGES[config.target]
+    shots = list(zip(_EXAMPLE_SOURCES, FEW_SHOT[config.target]))
+    if resolve_style(tokenizer, config.style) == "chat":
+        # The instruction, then the example pairs as earlier turns: small chat models then
+        # answer with the translation alone instead of talking about it.
+        system = f"You translate English into {language}. Reply with the {language} text only."
+        messages = [{"role": "system", "content": system}]
+        for en, tr in shots:
+            messages += [{"role": "user", "content": en}, {"role": "assistant", "content": tr}]
+        messages.append({"role": "user", "content": sentence})
+        return tokenizer.apply_chat_template(messages)
+    lines = [f"English: {en}\n{language}: {tr}\n" for en, tr in shots]
+    return "\n".join(lines) + f"\nEnglish: {sentence}\n{language}:"
+
+
+def sampling_params(config: TranslationConfig) -> SamplingParams:
+    """Greedy, one line: a few-shot prompt would go on with the next example pair."""
+    return SamplingParams(max_tokens=config.max_tokens, temperature=0.0, stop=("\n",))
+
+
+def clean_output(text: str) -> str:
+    """The translation alone: surrounding whitespace and quotes removed."""
+    line = text.strip().split("\n")[0].strip()
+    if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
+    return line
+
+
+def translate_with_llm(llm, text: str, config: TranslationConfig) -> Translation:
+    """Translate with an `LLM`: every sentence in one `generate` call (one continuous batch)."""
+    doc = split_document(text)
+    prompts = [sentence_prompt(s, llm.tokenizer, config) for s in doc.sentences]
+    start = time.perf_counter()
+    results = llm.generate(prompts, sampling_params(config))
+    seconds = time.perf_counter() - start
+    translated = doc.assemble([clean_output(r.text) for r in results])
+    return Translation(translated, len(prompts), seconds)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def register(sub) -> None:
+    from miaotui.cli_args import add_engine_args
+
+    p = sub.add_parser("translate", help="translate a text file or text, sentences batched")
+    add_engine_args(p)
+    p.add_argument("source", nargs="*", help="a text file, or the text itself (stdin if none)")
+    p.add_argument("--to", required=True, choices=sorted(LANGUAGES), help="target language")
+    p.add_argument("--style", choices=STYLES, default="auto", help="prompt style")
+    p.add_argument("--max-tokens", type=int, default=160, help="per sentence")
+    p.set_defaults(func=cmd_translate)
+
+
+def read_source(source: list[str]) -> str:
+    if not source:
+        return sys.stdin.read()
+    if len(source) == 1 and Path(source[0]).is_file():
+        return Path(source[0]).read_text(encoding="utf-8", errors="replace")
+    return " ".join(source)
+
+
+def cmd_translate(a: argparse.Namespace) -> None:
+    from miaotui.cli_args import engine_config
+    from miaotui.llm import LLM
+
+    config = TranslationConfig(a.to, a.style, a.max_tokens)  # bad values fail before the load
+    text = read_source(a.source)
+    split_document(text)
+    llm = LLM(engine_config(a))
+    out = translate_with_llm(llm, text, config)
+    print(out.text)
+    rate = out.sentences / out.seconds if out.seconds > 0 else float("nan")
+    print(
+        f"miaotui: {out.sentences} sentences in {out.seconds:.1f} s ({rate:.1f} sentences/s)",
+        file=sys.stderr,
+    )
