@@ -5,8 +5,14 @@ its KV blocks. Only the step thread touches the engine: callers post "add" and "
 to an inbox that the thread applies between steps, so the event loop never waits for a forward
 pass (one step can take a few hundred milliseconds on a busy CPU).
 
-A step that raises (a bug, or an input the sampler cannot handle) fails the requests in flight
-and is forgotten: the engine keeps serving the next ones.
+A step that raises (a bug, or an input the sampler cannot handle) fails the requests scheduled
+in it and is forgotten: the engine keeps serving the others and the next ones. A step thread
+that dies (an exception outside a step, a BaseException) fails every request, frees their KV
+blocks and makes every later call raise EngineDeadError.
+
+Admission: the scheduler bounds the waiting queue by count (max_waiting); `max_waiting_tokens`
+bounds it by cost too (prompt + max_tokens of every waiting request). Once the queue is full,
+new requests are refused on the caller's thread (CapacityError, no wait for a step).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 from miaotui.engine.engine import LLMEngine, RequestOutput
 from miaotui.engine.metrics import EngineMetrics
-from miaotui.errors import MiaotuiError
+from miaotui.errors import CapacityError, InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,10 @@ class EngineDeadError(MiaotuiError):
 
 class EngineStepError(MiaotuiError):
     """A step failed while this request was in flight; the request was aborted."""
+
+
+class ShutdownAbortError(EngineDeadError):
+    """The server shut down before this request finished (its drain window ran out)."""
 
 
 @dataclass(eq=False)
@@ -63,6 +73,13 @@ class _Abort:
 
 
 @dataclass(frozen=True)
+class _AbortAll:
+    """Fail every request in the engine with `error` (a server's drain ran out of time)."""
+
+    error: Exception
+
+
+@dataclass(frozen=True)
 class _Rejected:
     """The add failed: bad input (InvalidRequestError) or a full queue (CapacityError)."""
 
@@ -70,13 +87,26 @@ class _Rejected:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str = "default"):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        model_name: str = "default",
+        max_waiting_tokens: int | None = None,
+    ):
+        if max_waiting_tokens is not None and max_waiting_tokens <= 0:
+            raise InvalidRequestError(
+                f"max_waiting_tokens must be positive (or None), got {max_waiting_tokens}",
+                "max_waiting_tokens",
+            )
         self.engine = engine
         self.model_name = model_name
+        self.max_waiting_tokens = max_waiting_tokens
+        """Bound on prompt + max_tokens summed over waiting requests (None: count bound only)."""
+        self._queue_full = False  # published by the step thread after every step
         self.metrics = EngineMetrics(model_name)
         self._lock = threading.Lock()  # held by the step thread while it touches the engine
         self._wake = threading.Event()
-        self._inbox: deque[_Add | _Abort] = deque()  # append/popleft are thread-safe
+        self._inbox: deque[_Add | _Abort | _AbortAll] = deque()  # append/popleft are thread-safe
         self._streams: dict[str, _Stream] = {}  # step thread only
         self._stopped = False
         self.error: BaseException | None = None
@@ -84,6 +114,11 @@ class AsyncEngine:
         self._update_gauges()
         self._thread = threading.Thread(target=self._loop, name="miaotui-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        """The step thread runs and has not failed: requests can be served."""
+        return self.error is None and self._thread.is_alive()
 
     @property
     def tokenizer(self):
@@ -124,18 +159,29 @@ class AsyncEngine:
         last output with finish_reason "abort". Unknown or finished ids are ignored."""
         self._post_abort(_Abort(request_id, None))
 
+    def abort_all(self, error: Exception) -> None:
+        """Fail every request now in the engine with `error` (their consumers raise it) and
+        free their KV blocks before the next step."""
+        self._post_abort(_AbortAll(error))
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
 
     def _post(self, command: _Add) -> None:
-        if self.error is not None:
-            raise EngineDeadError(f"the engine is not running: {self.error}")
+        self._check_alive()
+        if self._queue_full:  # refused here and now: no wait for the current step to end
+            raise CapacityError(f"the waiting queue is full ({self._queue_limits()}); retry later")
         self._inbox.append(command)
         self._wake.set()
-        if self.error is not None:  # the loop died before it could see the command
+        self._check_alive()  # the loop died before it could see the command
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
             raise EngineDeadError(f"the engine is not running: {self.error}")
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running: its step thread has exited")
 
     def _post_abort(self, command: _Abort) -> None:
         """Never raises: aborts run in cleanup code (finally blocks, disconnects)."""
@@ -166,6 +212,10 @@ class AsyncEngine:
                 command = self._inbox.popleft()
                 if isinstance(command, _Add):
                     self._apply_add(command, deliveries)
+                elif isinstance(command, _AbortAll):
+                    self._fail_requests(
+                        list(self.engine.scheduler.requests), command.error, deliveries
+                    )
                 else:
                     self._apply_abort(command, deliveries)
             outputs: list[RequestOutput] = []
@@ -173,8 +223,12 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
-                    log.exception("engine step failed; aborting the requests in flight")
-                    self._abort_in_flight(e, deliveries)
+                    log.exception("engine step failed; aborting its requests")
+                    self.metrics.step_failures.inc()
+                    failure = EngineStepError(
+                        f"the engine step failed and aborted this request: {type(e).__name__}: {e}"
+                    )
+                    self._fail_requests(self.engine.step_request_ids, failure, deliveries)
             self._record(outputs)
             for o in outputs:
                 stream = self._streams.get(o.request_id)
@@ -196,7 +250,31 @@ class AsyncEngine:
                 self.engine.abort(rid)  # an unexpected failure may leave it half added
             deliveries.append((cmd.stream, _Rejected(e)))
             return
+        if self._over_token_budget(rid):
+            self.engine.abort(rid)
+            error = CapacityError(
+                f"the waiting queue is full ({self._queue_limits()}); retry later"
+            )
+            deliveries.append((cmd.stream, _Rejected(error)))
+            return
         self._streams[rid] = cmd.stream
+
+    def _waiting_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) + r.max_tokens for r in self.engine.scheduler.waiting)
+
+    def _over_token_budget(self, rid: str) -> bool:
+        """The request just queued as `rid` pushes the waiting tokens over the budget (a
+        request alone in the queue is always admitted: it could never run otherwise)."""
+        budget, waiting = self.max_waiting_tokens, self.engine.scheduler.waiting
+        if budget is None or len(waiting) <= 1 or waiting[-1].request_id != rid:
+            return False
+        return self._waiting_tokens() > budget
+
+    def _queue_limits(self) -> str:
+        limits = f"max_waiting={self.engine.config.max_waiting}"
+        if self.max_waiting_tokens is not None:
+            limits += f", max_waiting_tokens={self.max_waiting_tokens}"
+        return limits
 
     def _apply_abort(self, cmd: _Abort, deliveries: list) -> None:
         rid = cmd.request_id
@@ -212,18 +290,16 @@ class AsyncEngine:
         if stream is not None and cmd.stream is None:  # aborted from outside: end the consumer
             deliveries.append((stream, _abort_output(rid, stream, request)))
 
-    def _abort_in_flight(self, error: Exception, deliveries: list) -> None:
-        """After a failed step: abort every request so the engine starts clean."""
-        self.metrics.step_failures.inc()
-        for rid in list(self.engine.scheduler.requests):
+    def _fail_requests(self, request_ids: list[str], error: Exception, deliveries: list) -> None:
+        """Abort these requests (freeing their blocks); their consumers receive `error`."""
+        for rid in list(request_ids):
+            if rid not in self.engine.scheduler.requests:
+                continue
             self.engine.abort(rid)
             self.metrics.requests_aborted.inc()
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                failure = EngineStepError(
-                    f"the engine step failed and aborted this request: {error}"
-                )
-                deliveries.append((stream, failure))
+                deliveries.append((stream, error))
 
     def _deliver(self, deliveries: list) -> None:
         for stream, item in deliveries:
@@ -237,6 +313,12 @@ class AsyncEngine:
         with self._lock:
             streams = list(self._streams.values())
             self._streams.clear()
+            try:  # free the KV blocks of whatever the dead loop held
+                for rid in list(self.engine.scheduler.requests):
+                    self.engine.abort(rid)
+                self._update_gauges()
+            except Exception:
+                log.exception("could not free the requests of the stopped engine")
             while self._inbox:
                 command = self._inbox.popleft()
                 if isinstance(command, _Add):
@@ -264,6 +346,10 @@ class AsyncEngine:
         e, m = self.engine, self.metrics
         m.running.set(e.scheduler.num_running)
         m.waiting.set(e.scheduler.num_waiting)
+        full = e.scheduler.num_waiting >= e.config.max_waiting
+        if self.max_waiting_tokens is not None and not full:
+            full = e.scheduler.num_waiting > 0 and self._waiting_tokens() >= self.max_waiting_tokens
+        self._queue_full = full
         m.kv_usage.set(e.block_pool.usage)
         m.prefix_hit_rate.set(e.block_pool.prefix_hit_rate)
         _sync_counter(m.prompt_tokens, e.num_prompt_tokens)

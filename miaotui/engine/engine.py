@@ -108,6 +108,11 @@ class LLMEngine:
         self.config = sched
         self.states: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+        self.step_request_ids: list[str] = []
+        """The requests scheduled in the newest step (a failed step fails only these)."""
+        self.fault_hook = None
+        """Tests: called as fault_hook(step_request_ids) in every step before the forward pass;
+        what it raises is that step's failure (it may also sleep, to slow steps down)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -155,6 +160,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self.step_request_ids = [s.request_id for s in out.scheduled]
+        if self.fault_hook is not None:
+            self.fault_hook(self.step_request_ids)
         inp = self.runner.prepare(out)
         logits = self.runner.execute(inp)
         states = [self.states[rid] for rid in inp.sample_ids]

@@ -26,6 +26,20 @@ def register(sub) -> None:
         default=256,
         help="queue bound; beyond it requests get 429 + Retry-After",
     )
+    p.add_argument(
+        "--max-waiting-tokens",
+        type=int,
+        default=None,
+        help="queue bound by cost: prompt + max_tokens summed over waiting requests; beyond it "
+        "requests get 429 + Retry-After (default: no bound)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds that requests in flight get to finish before they are "
+        "aborted (new requests get 503 meanwhile)",
+    )
     g = p.add_argument_group("parallel")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
@@ -56,12 +70,17 @@ def serve_one(a: argparse.Namespace) -> None:
 
     from miaotui.engine.async_engine import AsyncEngine
     from miaotui.loader import build_engine
+    from miaotui.server.lifecycle import DrainingServer
     from miaotui.server.openai import ServerConfig, create_app
 
     cfg = engine_config(a, max_waiting=a.max_waiting)
     name = a.served_model_name or (a.model or "smollm2-135m")
-    engine = AsyncEngine(build_engine(cfg), name)
+    engine = AsyncEngine(build_engine(cfg), name, max_waiting_tokens=a.max_waiting_tokens)
     app = create_app(engine, ServerConfig(model_name=name, api_key=a.api_key))
     print(f"miaotui: serving {name} on http://{a.host}:{a.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    config = uvicorn.Config(
+        app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    DrainingServer(config, app.state.lifecycle, a.shutdown_timeout).run()
     engine.shutdown()
+    print("miaotui: stopped", file=sys.stderr)

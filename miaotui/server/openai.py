@@ -27,6 +27,7 @@ from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
 from miaotui.server.errors import APIError, api_error_for, error_body, error_response
 from miaotui.server.fanout import ClientGone, FanOut, Job
+from miaotui.server.lifecycle import install_lifecycle
 from miaotui.server.page import install_page
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -68,6 +69,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     if config.api_key:
         app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    install_lifecycle(app, engine)  # outermost: drain, dead engine and /health (lifecycle.py)
     _add_error_handlers(app)
 
     @app.get("/health")
