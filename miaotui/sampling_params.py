@@ -11,6 +11,36 @@ from miaotui.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What the generated text must match: exactly one of the fields is set. Compiled into a
+    token mask per step by engine/structured.py (llguidance)."""
+
+    json_schema: str | None = None
+    """A JSON schema, as JSON text ("{}" or {"type": "object"} for any JSON object)."""
+    regex: str | None = None
+    """A regular expression the whole text matches."""
+    grammar: str | None = None
+    """A Lark grammar (llguidance's dialect: `start` is the top rule)."""
+    choice: tuple[str, ...] | None = None
+    """The text is exactly one of these strings."""
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [f for f in ("json_schema", "regex", "grammar", "choice") if getattr(self, f)]
+        if len(given) != 1:
+            raise InvalidRequestError(
+                f"a structured output takes exactly one of json_schema, regex, grammar, choice; "
+                f"got {given or 'none'}",
+                "structured",
+            )
+        if self.choice is not None and not all(isinstance(c, str) and c for c in self.choice):
+            raise InvalidRequestError(
+                f"choice={list(self.choice)!r} must be a list of non-empty strings", "choice"
+            )
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping for one request (OpenAI / vLLM semantics)."""
 
@@ -44,6 +74,11 @@ class SamplingParams:
     """Number of independent completions."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    structured: StructuredOutput | None = None
+    """Constrain the text to a JSON schema, a regex, a Lark grammar or a choice (never ignored:
+    every sampled token is masked by the constraint)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling (OpenAI: -100..100)."""
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -77,6 +112,13 @@ class SamplingParams:
                 raise InvalidRequestError(
                     f"{name}={getattr(self, name)!r} is out of range; expected {accepted}", name
                 )
+        object.__setattr__(self, "logit_bias", tuple(_logit_bias(self.logit_bias)))
+        if self.structured is not None and self.ignore_eos:
+            raise InvalidRequestError(
+                "ignore_eos cannot be combined with a structured output: the constraint ends "
+                "the text with an end-of-sequence token",
+                "ignore_eos",
+            )
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +152,20 @@ def _check_types(p: SamplingParams) -> None:
         if not ok:
             kind = "an integer" if name in _INTS else "a number"
             raise InvalidRequestError(f"{name}={v!r} has the wrong type; expected {kind}", name)
+
+
+def _logit_bias(pairs: object) -> Iterable[tuple[int, float]]:
+    items = pairs.items() if isinstance(pairs, dict) else _sequence("logit_bias", pairs)
+    for item in items:
+        token, bias = item
+        ok_bias = isinstance(bias, numbers.Real) and not isinstance(bias, bool)
+        if not (_is_int(token) and token >= 0 and ok_bias and -100 <= bias <= 100):
+            raise InvalidRequestError(
+                f"logit_bias entry {item!r} is invalid; expected a token id >= 0 and a bias "
+                "in [-100, 100]",
+                "logit_bias",
+            )
+        yield int(token), float(bias)
 
 
 def _sequence(name: str, value: object) -> Iterable:

@@ -107,6 +107,16 @@ def tiny_chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def api_server():
+    """One `miaotui serve` on the default model for the API-feature tests (structured outputs,
+    tools, endpoints, OpenAI semantics): one thread, API_MAX_MODEL_LEN tokens of context, CORS
+    for API_ORIGIN."""
+    args = ("--threads", "1", "--max-model-len", str(helpers.API_MAX_MODEL_LEN))
+    with helpers.miaotui_serve(*args, "--allowed-origins", helpers.API_ORIGIN) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def app_server():
     """`miaotui serve` on the default model with the chat page, speech and translation (API key
     helpers.APP_API_KEY), shared by the application tests; its base URL."""

@@ -378,6 +378,36 @@ def serve_in_thread(app, timeout: float = 30) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+API_MAX_MODEL_LEN = 512
+"""The context of the `api_server` fixture's server."""
+API_ORIGIN = "http://allowed.example"
+"""The one browser origin the `api_server` fixture's server allows (CORS)."""
+
+
+@contextlib.contextmanager
+def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
+    """`python -m miaotui.cli serve` on the default model in a subprocess with `args`; yields
+    its base URL, then stops it and checks its log holds no traceback."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.health import stop_process, wait_healthy
+
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="miaotui-serve-")) / "server.log"
+    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log, timeout=timeout)
+        yield url
+    finally:
+        stop_process(proc)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
 # ---- the applications: a real `miaotui serve`, a browser, Prometheus metrics ---------------------
 
 APP_API_KEY = "sk-miaotui-apps"

@@ -19,6 +19,7 @@ from miaotui.engine.request import Request, RequestStatus
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
+from miaotui.engine.structured import StructuredOutputs
 from miaotui.errors import InvalidRequestError
 from miaotui.sampling_params import SamplingParams
 from miaotui.tokenizer import IncrementalDetokenizer, StopStringMatcher, TextTokenizer
@@ -115,6 +116,7 @@ class LLMEngine:
         what it raises is that step's failure (it may also sleep, to slow steps down)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -133,7 +135,8 @@ class LLMEngine:
         eos = set(params.stop_token_ids)
         if not params.ignore_eos:
             eos |= self.tokenizer.stop_ids
-        req = Request(rid, ids, params.max_tokens, eos_token_ids=frozenset(eos))
+        matcher = self.structured.matcher_for(params)  # a bad constraint fails here, first
+        req = Request(rid, ids, params.max_tokens, eos_token_ids=frozenset(eos), matcher=matcher)
         self.scheduler.add_request(req)  # checks the id, the length (check_prompt), max_tokens
         gen = None if params.greedy else make_generator(params.seed, self.runner.device)
         self.states[rid] = _RequestState(
@@ -164,14 +167,17 @@ class LLMEngine:
         if self.fault_hook is not None:
             self.fault_hook(self.step_request_ids)
         inp = self.runner.prepare(out)
-        logits = self.runner.execute(inp)
         states = [self.states[rid] for rid in inp.sample_ids]
+        # Structured outputs' masks are computed while the forward pass runs.
+        grammar = self.structured.start_step([s.request.matcher for s in states])
+        logits = self.runner.execute(inp)
         tokens = sample(
             logits,
             [s.params for s in states],
             [s.request.prompt_token_ids for s in states],
             [s.request.output_token_ids for s in states],
             [s.generator for s in states],
+            grammar,
         )
         self.num_prompt_tokens += sum(self._prompt_tokens_in(s) for s in out.scheduled)
         for st, tok in zip(states, tokens):

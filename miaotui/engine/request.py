@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from miaotui.errors import InvalidRequestError
 
@@ -90,6 +91,8 @@ class Request:
     """Prompt tokens found in the prefix cache at first admission (usage metrics)."""
     stop_reason: int | str | None = None
     """The eos token id or stop string that finished the request, if any."""
+    matcher: Any = None
+    """The llguidance matcher of a structured output (engine/structured.py), None if free."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from miaotui.engine.structured import GrammarStep
 from miaotui.sampling_params import SamplingParams
 
 
@@ -64,6 +65,10 @@ def sample_row(
 ) -> SampledToken:
     """One request's next token from its logits (V,) (float32)."""
     logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits = logits.clone()
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype)
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
@@ -75,7 +80,8 @@ def sample_row(
     top = ()
     if params.logprobs > 0:
         vals, ids = torch.topk(logp, params.logprobs)
-        top = tuple(zip(ids.tolist(), vals.tolist()))
+        # Tokens a constraint forbids (-inf) are no alternatives (and -inf is not JSON).
+        top = tuple((i, v) for i, v in zip(ids.tolist(), vals.tolist()) if v != float("-inf"))
     return SampledToken(token, float(logp[token]), top)
 
 
@@ -86,6 +92,7 @@ def needs_full_sampler(params: SamplingParams) -> bool:
         or params.repetition_penalty != 1.0
         or bool(params.presence_penalty)
         or bool(params.frequency_penalty)
+        or bool(params.logit_bias)
     )
 
 
@@ -95,9 +102,14 @@ def sample(
     prompt_ids: list[list[int]],
     output_ids: list[list[int]],
     generators: list[torch.Generator | None],
+    grammar: GrammarStep | None = None,
 ) -> list[SampledToken]:
-    """logits: (B, V) -> one token per row. Plain greedy rows take one batched argmax."""
+    """logits: (B, V) -> one token per row. Plain greedy rows take one batched argmax. Rows
+    under a structured-output constraint (`grammar`) sample among the tokens it allows, and
+    their matchers then consume the chosen tokens."""
     logits = logits.float()
+    if grammar is not None:
+        logits = grammar.apply(logits)
     greedy = torch.argmax(logits, dim=-1).tolist()
     out = []
     for b, p in enumerate(params):
@@ -105,6 +117,8 @@ def sample(
             out.append(sample_row(logits[b], p, prompt_ids[b], output_ids[b], generators[b]))
         else:
             out.append(SampledToken(greedy[b]))
+    if grammar is not None:
+        grammar.commit([t.token_id for t in out])
     return out
 
 

@@ -21,6 +21,12 @@ def register(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--served-model-name", default=None)
     p.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        default=[],
+        help="browser origins allowed by CORS, e.g. http://localhost:3000 (default: none)",
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=256,
@@ -76,7 +82,10 @@ def serve_one(a: argparse.Namespace) -> None:
     cfg = engine_config(a, max_waiting=a.max_waiting)
     name = a.served_model_name or (a.model or "smollm2-135m")
     engine = AsyncEngine(build_engine(cfg), name, max_waiting_tokens=a.max_waiting_tokens)
-    app = create_app(engine, ServerConfig(model_name=name, api_key=a.api_key))
+    origins = tuple(a.allowed_origins)
+    app = create_app(
+        engine, ServerConfig(model_name=name, api_key=a.api_key, allowed_origins=origins)
+    )
     print(f"miaotui: serving {name} on http://{a.host}:{a.port}/v1", file=sys.stderr)
     config = uvicorn.Config(
         app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5

@@ -1,6 +1,7 @@
 """HTTP errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}, and the map
 from engine-side errors to them (bad input 400, a full queue 429 + Retry-After, a dead engine or
-rank 503, anything else 500)."""
+rank 503, anything else 500). `code` is OpenAI's string code ("model_not_found",
+"context_length_exceeded", ...) or null, never the HTTP status."""
 
 from __future__ import annotations
 
@@ -24,14 +25,16 @@ class APIError(Exception):
         param: str | None = None,
         kind: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
         self.headers = headers or {}
+        self.code = code
 
 
-def error_body(status: int, message: str, param: str | None, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+def error_body(message: str, param: str | None, kind: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(
@@ -40,8 +43,13 @@ def error_response(
     param: str | None = None,
     kind: str = "invalid_request_error",
     headers: dict | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, kind), status, headers=headers)
+    return JSONResponse(error_body(message, param, kind, code), status, headers=headers)
+
+
+def respond(e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.param, e.kind, e.headers, e.code)
 
 
 def api_error_for(e: BaseException) -> APIError:
@@ -54,6 +62,7 @@ def api_error_for(e: BaseException) -> APIError:
             f"server busy: {e}",
             kind="rate_limit_error",
             headers={"Retry-After": RETRY_AFTER_S},
+            code="rate_limit_exceeded",
         )
     if isinstance(e, InvalidRequestError):
         return APIError(400, str(e), e.param)

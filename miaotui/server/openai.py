@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP API on FastAPI: /v1/completions, /v1/chat/completions (SSE streaming
-or not), /v1/models, /health, /metrics. Routes only translate HTTP into engine requests.
+or not; structured outputs, tool calls), /v1/models, /health, /metrics. Routes only translate HTTP
+into engine requests.
 
-One API call becomes prompts x n engine requests (fanout.py). Each error is answered in OpenAI's
-shape (errors.py). A client that leaves aborts its requests.
+One API call becomes prompts x n (or best_of) engine requests (fanout.py). Each error is answered
+in OpenAI's shape (errors.py). A client that leaves aborts its requests. Structured outputs are
+in structured.py, tool calling in tools.py, the served OpenAPI document in openapi_doc.py.
 """
 
 from __future__ import annotations
@@ -12,34 +14,43 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miaotui.engine.engine import RequestOutput
-from miaotui.engine.request import check_prompt
 from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
-from miaotui.server.errors import APIError, api_error_for, error_body, error_response
+from miaotui.server import tools
+from miaotui.server.errors import APIError, api_error_for, error_body, error_response, respond
 from miaotui.server.fanout import ClientGone, FanOut, Job
 from miaotui.server.lifecycle import install_lifecycle
+from miaotui.server.openapi_doc import document_errors
 from miaotui.server.page import install_page
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from miaotui.server.structured import structured_output
+from miaotui.tokenizer import render_chat_template
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (vLLM); dividing by them overflows
 
 
+SYSTEM_FINGERPRINT = "fp_miaotui_0.1"
+
+
 @dataclass
 class ServerConfig:
     model_name: str
     api_key: str | None = None
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    """Origins allowed by CORS (browsers); empty: no CORS headers at all (the default)."""
 
 
 class APIKeyAuth:
@@ -69,8 +80,16 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     if config.api_key:
         app.add_middleware(APIKeyAuth, api_key=config.api_key)
+    if config.allowed_origins:  # added last: outermost, so preflights skip the API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     install_lifecycle(app, engine)  # outermost: drain, dead engine and /health (lifecycle.py)
     _add_error_handlers(app)
+    document_errors(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -94,7 +113,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id not in (config.model_name, "default"):
-            raise APIError(404, f"model {model_id!r} not found", "model", "model_not_found")
+            raise _model_not_found(model_id, config)
         return card()
 
     @app.get("/metrics")
@@ -110,19 +129,42 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         _check_model(req, config)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt = engine.tokenizer.apply_chat_template(messages)
-        except MiaotuiError as e:
-            raise APIError(400, str(e), "messages") from e
-        except Exception as e:  # a template that fails on these messages: still their fault
-            raise APIError(
-                400, f"the chat template failed on these messages: {e}", "messages"
-            ) from e
-        return await _serve(engine, raw, req, [prompt], chat=True)
+        return await _serve(engine, raw, req, [chat_prompt(engine.tokenizer, req)], chat=True)
 
     install_page(app, engine, config)  # the chat page, speech in, translation
     return app
+
+
+def chat_prompt(tokenizer, req: ChatCompletionRequest) -> str:
+    """The request's messages (and tools) rendered with the model's chat template."""
+    template = tokenizer.info.chat_template
+    if template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+    messages, extra = tools.template_messages(req, template)
+    special = {
+        "bos_token": _token_text(tokenizer, tokenizer.info.bos_id),
+        "eos_token": _token_text(tokenizer, tokenizer.info.eos_id),
+    }
+    try:
+        return render_chat_template(template, messages, True, **special, **extra)
+    except MiaotuiError as e:
+        raise APIError(400, str(e), "messages") from e
+    except Exception as e:  # a template that fails on these messages: still their fault
+        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
+
+
+def _token_text(tokenizer, token_id: int | None) -> str:
+    return "" if token_id is None else (tokenizer.id_to_token(token_id) or "")
+
+
+def _model_not_found(name: str, config: ServerConfig) -> APIError:
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it "
+        f"(served here: {config.model_name!r}).",
+        "model",
+        code="model_not_found",
+    )
 
 
 # Union members and validator wrappers that pydantic puts in an error's location.
@@ -134,8 +176,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0]
         loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
-        param = ".".join(loc) or None
         msg = err.get("msg", "invalid request").removeprefix("Value error, ")
+        named = _FIELD_PREFIX.match(msg) if err.get("type") == "value_error" else None
+        if named:  # a model-level check names its field: "stream_options: only allowed when"
+            loc, msg = loc + [named.group(1)], msg[named.end() :]
+        param = ".".join(loc) or None
         if err.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {msg}")
         if param is None:
@@ -151,27 +196,24 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
+        return respond(exc)
 
     @app.exception_handler(MiaotuiError)
     async def _miaotui_error(_: Request, exc: MiaotuiError) -> JSONResponse:
-        e = api_error_for(exc)
-        return error_response(e.status, e.message, e.param, e.kind, e.headers)
+        return respond(api_error_for(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
+_FIELD_PREFIX = re.compile(r"^([a-z_]+): ")
+
+
 def _check_model(req: SamplingFields, config: ServerConfig) -> None:
     """Unknown model names are refused; responses then name the served model."""
     if req.model is not None and req.model not in (config.model_name, "default"):
-        raise APIError(
-            400,
-            f"model {req.model!r} is not served here; available: {config.model_name!r}",
-            "model",
-            kind="model_not_found",
-        )
+        raise _model_not_found(req.model, config)
     req.model = config.model_name
 
 
@@ -185,26 +227,44 @@ def _completion_prompts(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -> SamplingParams:
+def _context_exceeded(limit: int, prompt_len: int, requested: int | None, param: str | None):
+    """OpenAI's wording and code, which litellm and LangChain recognise."""
+    if requested is None:
+        detail = f"However, your prompt resulted in {prompt_len} tokens"
+        advice = "Please reduce the length of the prompt."
+    else:
+        detail = (
+            f"However, you requested {prompt_len + requested} tokens ({prompt_len} in the "
+            f"prompt, {requested} for the completion)"
+        )
+        advice = f"Please reduce the length of the prompt or {param}."
+    return APIError(
+        400,
+        f"This model's maximum context length is {limit} tokens. {detail}. {advice}",
+        param,
+        code="context_length_exceeded",
+    )
+
+
+def _sampling_params(
+    engine, req: SamplingFields, prompt_len: int, chat: bool, structured
+) -> SamplingParams:
     limit = engine.max_model_len
-    try:  # before the default max_tokens, which needs room left in the context
-        check_prompt(prompt_len, limit, "messages" if chat else "prompt")
-    except InvalidRequestError as e:
-        raise APIError(400, str(e), e.param) from e
+    prompt_param = "messages" if chat else "prompt"
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty; give at least one token", prompt_param)
+    if prompt_len >= limit:  # before the default max_tokens, which needs room in the context
+        raise _context_exceeded(limit, prompt_len, None, prompt_param)
     requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    field_name = (
+        "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    )
     if requested is None:
         requested = min(
             DEFAULT_CHAT_TOKENS if chat else DEFAULT_COMPLETION_TOKENS, limit - prompt_len
         )
     if prompt_len + requested > limit:
-        raise APIError(
-            400,
-            f"this model's context is {limit} tokens, but the prompt has "
-            f"{prompt_len} and {field}={requested} asks for {requested} more; "
-            f"reduce the prompt or {field} (at most {limit - prompt_len} here)",
-            field,
-        )
+        raise _context_exceeded(limit, prompt_len, requested, field_name)
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
@@ -212,7 +272,7 @@ def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
         return SamplingParams(
-            max_tokens=requested,
+            max_tokens=max(requested, 1),  # 0 (echo only) never reaches the engine
             temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
             top_p=req.top_p,
             top_k=max(req.top_k, 0),
@@ -225,24 +285,68 @@ def _sampling_params(engine, req: SamplingFields, prompt_len: int, chat: bool) -
             logprobs=logprobs,
             n=1,
             ignore_eos=req.ignore_eos,
+            structured=structured,
+            logit_bias=_logit_bias(req, engine.tokenizer.vocab_size),
         )
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from e
 
 
+def _logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+    bad = [t for t, _ in bias if t >= vocab_size]
+    if bad:
+        raise APIError(
+            400,
+            f"logit_bias: token ids {bad[:5]} are outside the vocabulary ({vocab_size})",
+            "logit_bias",
+        )
+    return bias
+
+
+def _constraint(req: SamplingFields, chat: bool):
+    """The request's one structured-output constraint: a forced tool call's or a format's."""
+    forced = tools.forced_call_constraint(req) if chat else None
+    asked = structured_output(req)
+    if forced is not None and asked is not None:
+        raise APIError(
+            400, "a forced tool call cannot be combined with a response format", "tool_choice"
+        )
+    return forced or asked
+
+
 # ---- one API call ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one API call asked for, beyond its sampling parameters."""
+
+    rid: str
+    req: SamplingFields
+    chat: bool
+    per_prompt: int
+    """Engine requests per prompt: n, or best_of (the n most likely of them are returned)."""
+    echo_texts: tuple[str, ...] = ()
+    """Completions with echo: each prompt's text, returned before its completion."""
 
 
 async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    call = _call(engine, req, prompts, chat, rid)
+    constraint = _constraint(req, chat)
+    if call.echo_texts and req.max_tokens == 0:
+        return _echo_only(engine, call, prompts)
     jobs = []
     for i, prompt in enumerate(prompts):
         ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        params = _sampling_params(engine, req, len(ids), chat)
-        for j in range(req.n):
+        params = _sampling_params(engine, req, len(ids), chat, constraint)
+        if call.per_prompt > req.n and params.logprobs is None:
+            params = replace(params, logprobs=0)  # best_of ranks by cumulative logprob
+        for j in range(call.per_prompt):
             # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
             seed = None if req.seed is None else req.seed + j
-            idx = i * req.n + j
+            idx = i * call.per_prompt + j
             jobs.append(Job(idx, f"{rid}-{idx}", ids, replace(params, seed=seed)))
     fan = FanOut(engine, jobs, raw)
     try:
@@ -251,19 +355,79 @@ async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat:
         return Response(status_code=499)  # nobody is listening
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _sse(fan, rid, req, chat, include_usage, engine.tokenizer)
+        body = _sse(fan, call, include_usage, engine.tokenizer)
         return StreamingResponse(
             body, media_type="text/event-stream", background=BackgroundTask(fan.close)
         )
     try:
-        return await _complete(fan, rid, req, chat, engine.tokenizer)
+        return await _complete(fan, call, engine.tokenizer)
     except ClientGone:
         return Response(status_code=499)
     finally:
         fan.close()
 
 
-async def _complete(fan: FanOut, rid, req, chat, tokenizer) -> JSONResponse:
+def _call(engine, req: SamplingFields, prompts: list, chat: bool, rid: str) -> Call:
+    per_prompt = req.n
+    echo_texts: tuple[str, ...] = ()
+    if not chat:
+        if req.best_of is not None:
+            if req.best_of < req.n:
+                raise APIError(400, f"best_of={req.best_of} must be >= n={req.n}", "best_of")
+            if req.best_of > req.n and req.stream:
+                raise APIError(400, "best_of > n cannot be streamed", "best_of")
+            if req.best_of * len(prompts) > MAX_ENGINE_REQUESTS:
+                raise APIError(
+                    400, f"best_of x prompts is at most {MAX_ENGINE_REQUESTS}", "best_of"
+                )
+            per_prompt = req.best_of
+        if req.echo:
+            if req.logprobs is not None:
+                raise APIError(
+                    400,
+                    "echo with logprobs (prompt log-probabilities) is not supported",
+                    "echo",
+                )
+            echo_texts = tuple(
+                p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts
+            )
+        elif req.max_tokens == 0:
+            raise APIError(400, "max_tokens=0 is only allowed with echo", "max_tokens")
+    return Call(rid, req, chat, per_prompt, echo_texts)
+
+
+MAX_ENGINE_REQUESTS = 64
+
+
+def _echo_only(engine, call: Call, prompts: list) -> JSONResponse:
+    """echo with max_tokens 0: the prompts themselves, nothing generated."""
+    ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    for p in ids:
+        if len(p) > engine.max_model_len:
+            raise _context_exceeded(engine.max_model_len, len(p), None, "prompt")
+    choices = [
+        {"index": i * call.req.n + j, "text": text, "logprobs": None, "finish_reason": "length"}
+        for i, text in enumerate(call.echo_texts)
+        for j in range(call.req.n)
+    ]
+    num_prompt = sum(len(p) for p in ids)
+    usage = {"prompt_tokens": num_prompt, "completion_tokens": 0, "total_tokens": num_prompt}
+    return JSONResponse(_envelope(call, "text_completion", choices, usage))
+
+
+def _envelope(call: Call, obj: str, choices: list, usage: dict | None) -> dict[str, Any]:
+    return {
+        "id": call.rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": call.req.model or "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+async def _complete(fan: FanOut, call: Call, tokenizer) -> JSONResponse:
     finals: dict[int, RequestOutput] = {}
     try:
         async for idx, out in fan.outputs(check_disconnect=True):
@@ -273,25 +437,31 @@ async def _complete(fan: FanOut, rid, req, chat, tokenizer) -> JSONResponse:
         raise
     except Exception as e:
         raise api_error_for(e) from e
-    choices = [_choice(idx, finals[idx], chat, tokenizer) for idx in sorted(finals)]
-    obj = "chat.completion" if chat else "text_completion"
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": obj,
-            "created": int(time.time()),
-            "model": req.model or "default",
-            "choices": choices,
-            "usage": _usage_for(finals, req.n),
-        }
-    )
+    usage = _usage_for(finals, call.per_prompt)
+    kept = _best(finals, call)
+    choices = [_choice(idx, kept[idx], call, tokenizer) for idx in sorted(kept)]
+    obj = "chat.completion" if call.chat else "text_completion"
+    return JSONResponse(_envelope(call, obj, choices, usage))
 
 
-def _usage_for(finals: dict[int, RequestOutput], n: int) -> dict[str, Any]:
+def _best(finals: dict[int, RequestOutput], call: Call) -> dict[int, RequestOutput]:
+    """best_of: per prompt, the n completions of highest cumulative logprob, renumbered."""
+    n, per = call.req.n, call.per_prompt
+    if per == n:
+        return finals
+    kept = {}
+    for i in range(len(finals) // per):
+        group = [finals[i * per + j] for j in range(per)]
+        group.sort(key=lambda o: -sum(s.logprob for s in o.logprobs))
+        kept.update({i * n + k: o for k, o in enumerate(group[:n])})
+    return kept
+
+
+def _usage_for(finals: dict[int, RequestOutput], per_prompt: int) -> dict[str, Any]:
     # Each prompt is counted once even when n completions share it.
-    prompt = sum(len(o.prompt_token_ids) for idx, o in finals.items() if idx % n == 0)
+    prompt = sum(len(o.prompt_token_ids) for idx, o in finals.items() if idx % per_prompt == 0)
     completion = sum(len(o.token_ids) for o in finals.values())
-    cached = sum(o.num_cached_tokens for idx, o in finals.items() if idx % n == 0)
+    cached = sum(o.num_cached_tokens for idx, o in finals.items() if idx % per_prompt == 0)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -300,16 +470,28 @@ def _usage_for(finals: dict[int, RequestOutput], n: int) -> dict[str, Any]:
     }
 
 
-def _choice(idx: int, out: RequestOutput, chat: bool, tokenizer) -> dict[str, Any]:
-    lp = _logprobs(out.logprobs, chat, tokenizer) if out.logprobs else None
-    if chat:
+def _finish_reason(out: RequestOutput, calls: list) -> str | None:
+    return "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+
+
+def _choice(idx: int, out: RequestOutput, call: Call, tokenizer) -> dict[str, Any]:
+    asked_logprobs = call.req.logprobs is not None and call.req.logprobs is not False
+    lp = _logprobs(out.logprobs, call.chat, tokenizer) if out.logprobs and asked_logprobs else None
+    if call.chat:
+        answer = tools.parse_answer(call.req, out.text)
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.tool_calls:
+            message["tool_calls"] = answer.tool_calls
         return {
             "index": idx,
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": lp,
-            "finish_reason": out.finish_reason,
+            "finish_reason": _finish_reason(out, answer.tool_calls),
         }
-    return {"index": idx, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+    text = out.text
+    if call.echo_texts:
+        text = call.echo_texts[idx // call.req.n] + text
+    return {"index": idx, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
 
 
 def _logprobs(tokens, chat: bool, tokenizer, offset: int = 0) -> dict[str, Any]:
@@ -348,15 +530,25 @@ def _logprobs(tokens, chat: bool, tokenizer, offset: int = 0) -> dict[str, Any]:
     }
 
 
-async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
+async def _sse(fan: FanOut, call: Call, include_usage: bool, tokenizer):
+    """Server-sent events. A chat answer that may hold tool calls is sent whole at its end (its
+    text decides whether it is content or calls)."""
     created = int(time.time())
+    chat, req = call.chat, call.req
     obj = "chat.completion.chunk" if chat else "text_completion"
-    model = req.model or "default"
+    held = chat and tools.uses_tools(req)
     finals: dict[int, RequestOutput] = {}
     lp_offset: dict[int, int] = {}
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        body = {
+            "id": call.rid,
+            "object": obj,
+            "created": created,
+            "model": req.model or "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
         if include_usage:  # OpenAI: null on every chunk but the last
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -374,6 +566,12 @@ async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
             ]
             yield chunk(first)
         async for idx, out in fan.outputs(check_disconnect=False):
+            if out.finished:
+                finals[idx] = out
+            if held:
+                if out.finished:
+                    yield chunk([_held_answer(idx, out, req)])
+                continue
             new_lp = out.delta_logprobs
             if not out.delta_text and not out.finished and not new_lp:
                 continue
@@ -389,14 +587,25 @@ async def _sse(fan: FanOut, rid, req, chat, include_usage, tokenizer):
             else:
                 choice = {"index": idx, "text": out.delta_text, "logprobs": lp}
                 choice["finish_reason"] = reason
-            if out.finished:
-                finals[idx] = out
             yield chunk([choice])
         if include_usage:
-            yield chunk([], _usage_for(finals, req.n))
+            yield chunk([], _usage_for(finals, call.per_prompt))
     except Exception as e:  # headers are sent: report the failure in the stream (OpenAI style)
         err = api_error_for(e)
-        yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
+        yield f"data: {json.dumps(error_body(err.message, err.param, err.kind, err.code))}\n\n"
     finally:
         fan.close()
     yield "data: [DONE]\n\n"
+
+
+def _held_answer(idx: int, out: RequestOutput, req) -> dict[str, Any]:
+    """The one delta of a held chat answer: its content or its tool calls (OpenAI's shape,
+    each call with its index, id, type, name and whole arguments)."""
+    answer = tools.parse_answer(req, out.text)
+    delta: dict[str, Any] = {}
+    if answer.content:
+        delta["content"] = answer.content
+    if answer.tool_calls:
+        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(answer.tool_calls)]
+    reason = _finish_reason(out, answer.tool_calls)
+    return {"index": idx, "delta": delta, "logprobs": None, "finish_reason": reason}

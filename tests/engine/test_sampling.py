@@ -6,7 +6,9 @@ batched; stop strings, stop token ids, max_tokens and the context end with the r
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +18,10 @@ from hypothesis import strategies as st
 
 from miaotui import LLM, SamplingParams
 from miaotui.engine.sampler import apply_penalties, filter_logits, make_generator, sample_row
-from tests.helpers import engine_variant, tiny_chat_hf_model
+from miaotui.engine.structured import StructuredOutputs
+from miaotui.errors import InvalidRequestError
+from miaotui.sampling_params import StructuredOutput
+from tests.helpers import BYTE_EOS, byte_tokenizer, engine_variant, tiny_chat_hf_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -349,3 +354,97 @@ def test_stream_deltas_add_up_to_the_final_text(llm, greedy):
         == greedy.text[: greedy.text.find(stop)]
     )
     assert not llm.engine.has_unfinished()
+
+
+# ---- logit_bias and structured outputs ------------------------------------------------------
+
+
+def test_logit_bias_matches_reference(llm, hf):
+    """A +/- bias moves the greedy choice and the logprobs exactly as adding it to transformers'
+    logits does."""
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = hf_logits(hf, ids)[-1]
+    target, banned = int(np.argsort(ref)[-50]), int(np.argmax(ref))
+    bias = {target: 9.0, banned: -100.0}
+    res = llm.generate(
+        PROMPT, SamplingParams(max_tokens=1, temperature=0.0, logprobs=2, logit_bias=bias)
+    )[0]
+    biased = ref.copy()
+    for t, b in bias.items():
+        biased[t] += b
+    want = int(np.argmax(biased))
+    log_softmax = biased - np.log(np.exp(biased - biased.max()).sum()) - biased.max()
+    assert res.token_ids == [want] and want != banned
+    assert res.outputs[0].logprobs[0].logprob == pytest.approx(log_softmax[want], abs=1e-4)
+
+
+def test_logit_bias_is_validated():
+    for bad in ({5: 101.0}, {-1: 1.0}, {"5": 1.0}, {5: True}):
+        with pytest.raises(InvalidRequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
+def test_grammar_masks_on_a_byte_vocabulary():
+    """With one token per byte the allowed set after each prefix is known by hand: a regex
+    `(ab|cd)[0-9]` allows {a, c}, then the one letter that continues, then the ten digits, then
+    only end-of-sequence. The unconstrained row of the same batch is untouched."""
+    tok = byte_tokenizer()
+    grammars = StructuredOutputs(tok, BYTE_EOS + 1)
+    matcher = grammars.matcher_for(
+        SamplingParams(structured=StructuredOutput(regex="(ab|cd)[0-9]"))
+    )
+
+    def ids(chars: str) -> set[int]:
+        return {tok.encode(c, add_special=False)[0] for c in chars}
+
+    expected = [ids("ac"), ids("d"), ids("0123456789"), {BYTE_EOS}]
+    chosen = [*ids("c"), *ids("d"), *ids("7"), BYTE_EOS]
+    logits = torch.randn(2, BYTE_EOS + 1, generator=torch.Generator().manual_seed(0))
+    for step, allowed in enumerate(expected):
+        grammar = grammars.start_step([matcher, None])
+        masked = grammar.apply(logits)
+        assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == allowed, step
+        assert torch.equal(masked[1], logits[1])
+        choice = chosen[step]
+        grammar.commit([choice, 0])
+    assert matcher.is_stopped() or matcher.is_accepting()
+
+
+def test_constrained_generation_on_random_weights(llm):
+    """Random weights never write JSON by themselves; under a schema every sample (batched, at
+    temperature 1) is valid JSON that the schema accepts, and a regex's output matches it."""
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        },
+        "required": ["name", "n", "tags"],
+        "additionalProperties": False,
+    }
+    spec = StructuredOutput(json_schema=json.dumps(schema))
+    prompts = [f"{PROMPT} {i}" for i in range(4)]
+    for res in llm.generate(prompts, SamplingParams(max_tokens=80, seed=1, structured=spec)):
+        assert res.finish_reason == "stop", res.text
+        jsonschema.validate(json.loads(res.text), schema)
+    regex = StructuredOutput(regex="[A-Z][a-z]{1,6} [0-9]{2}")
+    for res in llm.generate(prompts, SamplingParams(max_tokens=20, seed=2, structured=regex)):
+        assert res.finish_reason == "stop" and re.fullmatch("[A-Z][a-z]{1,6} [0-9]{2}", res.text)
+
+
+def test_bad_constraints_raise_before_any_token(llm):
+    for spec, named in [
+        (StructuredOutput(json_schema='{"type": "objekt"}'), "objekt"),
+        (StructuredOutput(json_schema="{not json"), "not valid JSON"),
+        (StructuredOutput(regex="(unclosed"), "regex"),
+        (StructuredOutput(grammar="start: missing"), "missing"),
+    ]:
+        with pytest.raises(InvalidRequestError, match=named):
+            llm.generate(PROMPT, SamplingParams(max_tokens=4, structured=spec))
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutput(regex="a", choice=("b",))
+    with pytest.raises(InvalidRequestError, match="ignore_eos"):
+        SamplingParams(ignore_eos=True, structured=StructuredOutput(regex="a"))
