@@ -34,7 +34,7 @@ from miaotui.server.lifecycle import install_lifecycle
 from miaotui.server.openapi_doc import document_errors
 from miaotui.server.page import install_page
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from miaotui.server.structured import structured_output
+from miaotui.server.structured import checked, structured_output
 from miaotui.tokenizer import render_chat_template
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -307,6 +307,8 @@ def _logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float]
 def _constraint(req: SamplingFields, chat: bool):
     """The request's one structured-output constraint: a forced tool call's or a format's."""
     forced = tools.forced_call_constraint(req) if chat else None
+    if forced is not None:  # a function's parameters that are no valid schema
+        forced = checked(forced, "tools")
     asked = structured_output(req)
     if forced is not None and asked is not None:
         raise APIError(
