@@ -155,15 +155,32 @@ def clean_output(text: str) -> str:
     return line
 
 
+def translate_sentences(llm, sentences: list[str], config: TranslationConfig) -> list[str]:
+    """Every sentence in one `LLM.generate` call (one continuous batch); translations in order."""
+    prompts = [llm.tokenizer.encode(sentence_prompt(s, llm.tokenizer, config)) for s in sentences]
+    shared = shared_prefix(prompts)
+    if len(prompts) > 1 and shared:
+        llm.generate([shared], SamplingParams(max_tokens=1))  # computed once, then cached
+    return [clean_output(r.text) for r in llm.generate(prompts, sampling_params(config))]
+
+
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The tokens every prompt starts with (the instruction and the examples). Computed once
+    before the batch, they are prefix-cache hits for all of its requests; submitted together
+    cold, each request would compute them again (a block is cached once it is computed)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return first[:n]
+
+
 def translate_with_llm(llm, text: str, config: TranslationConfig) -> Translation:
-    """Translate with an `LLM`: every sentence in one `generate` call (one continuous batch)."""
     doc = split_document(text)
-    prompts = [sentence_prompt(s, llm.tokenizer, config) for s in doc.sentences]
     start = time.perf_counter()
-    results = llm.generate(prompts, sampling_params(config))
+    translations = translate_sentences(llm, doc.sentences, config)
     seconds = time.perf_counter() - start
-    translated = doc.assemble([clean_output(r.text) for r in results])
-    return Translation(translated, len(prompts), seconds)
+    return Translation(doc.assemble(translations), len(translations), seconds)
 
 
 # ---- the command line --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from miaotui.errors import InvalidRequestError
+from miaotui.sampling_params import SamplingParams
 from miaotui.server.audio import install_transcriptions
 from miaotui.server.errors import APIError
 from miaotui.server.fanout import ClientGone, FanOut, Job
@@ -25,6 +26,7 @@ from miaotui.translate import (
     clean_output,
     sampling_params,
     sentence_prompt,
+    shared_prefix,
     split_document,
 )
 
@@ -37,6 +39,8 @@ ASSETS = {
 }
 # Defense in depth beside the escaping: no inline script or handler would run even if markup
 # got in; the microphone recording is read through blob: URLs.
+PRIME = SamplingParams(max_tokens=1)
+"""The request that computes the sentences' shared prompt prefix before they are submitted."""
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -104,8 +108,13 @@ async def _run_all(engine, raw: Request, sentences: list[str], cfg: TranslationC
                 "text",
             )
         jobs.append(Job(i, f"{rid}-{i}", ids, params))
-    fan = FanOut(engine, jobs, raw)
-    texts = [""] * len(jobs)
+    shared = shared_prefix([job.prompt_ids for job in jobs])
+    if len(jobs) > 1 and shared:  # the instruction computed once: a prefix-cache hit for all
+        await _run(FanOut(engine, [Job(0, f"{rid}-prefix", shared, PRIME)], raw), [""])
+    return await _run(FanOut(engine, jobs, raw), [""] * len(jobs))
+
+
+async def _run(fan: FanOut, texts: list[str]) -> list[str]:
     try:
         await fan.start()
         async for idx, out in fan.outputs(check_disconnect=True):

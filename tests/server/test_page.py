@@ -206,6 +206,27 @@ def test_uploaded_speech_is_transcribed_and_answered(app_server, browser):
     page.close()
 
 
+def test_translate_mode_keeps_paragraphs(app_server, browser):
+    source = "The sun is hot. The sea is blue.\n\nI like bread."
+    page = open_page(browser, app_server)
+    page.select_option("#mode", "translate")
+    page.select_option("#target", "de")
+    assert not page.is_visible("#temperature")  # chat settings hidden in translate mode
+    ask(page, source)
+    wait_answer(page)
+    assert last_answer_state(page) == "done", page.inner_text(ANSWER)
+    shown = page.inner_text(f"{ANSWER} .content")
+    ref = httpx.post(
+        app_server + "/v1/translate",
+        json={"text": source, "target_language": "de"},
+        headers={"Authorization": f"Bearer {APP_API_KEY}"},
+        timeout=120,
+    ).json()
+    assert shown.strip() == ref["text"].strip() and len(shown.strip().split("\n\n")) == 2
+    assert "3 sentences" in page.inner_text(f"{ANSWER} .stats")
+    page.close()
+
+
 # ---- model text is never markup ----------------------------------------------------------------
 
 HOSTILE = (

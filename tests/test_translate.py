@@ -1,0 +1,123 @@
+"""Translation: sentence splitting that keeps paragraphs, the two prompt styles (chat template for
+chat models, few-shot for base models), batched translation equal to one sentence at a time
+(the engine computes each token alike whatever shares its step), `/v1/translate` on a real
+server equal to the in-process path, and `miaotui translate` keeping paragraphs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from miaotui.config import CacheConfig
+from miaotui.errors import InvalidRequestError
+from miaotui.load.open import load_tokenizer, open_checkpoint
+from miaotui.translate import (
+    TranslationConfig,
+    sentence_prompt,
+    shared_prefix,
+    split_document,
+    translate_sentences,
+    translate_with_llm,
+)
+from tests.helpers import APP_API_KEY, REPO, engine_variant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOCUMENT = """Mr. Bennet replied that he had not. "But it is," returned she!
+Is it true? Yes.
+
+The house is large.
+It has a garden."""
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_native):
+    return engine_variant(smollm_native, max_model_len=1024, cache=CacheConfig(num_blocks=256))
+
+
+def test_split_keeps_paragraphs_titles_and_quotes():
+    doc = split_document(DOCUMENT)
+    assert doc.paragraphs == (
+        (
+            "Mr. Bennet replied that he had not.",
+            '"But it is," returned she!',
+            "Is it true?",
+            "Yes.",
+        ),
+        ("The house is large.", "It has a garden."),
+    )
+    assert doc.assemble(doc.sentences).split("\n\n") == [
+        " ".join(p.split()) for p in DOCUMENT.split("\n\n")
+    ]
+
+
+def test_empty_or_unknown_is_refused():
+    with pytest.raises(InvalidRequestError, match="empty"):
+        split_document(" \n\n ")
+    with pytest.raises(InvalidRequestError, match="unknown target language 'xx'"):
+        TranslationConfig("xx")
+
+
+def test_chat_models_get_the_template_base_models_few_shot():
+    chat = load_tokenizer(open_checkpoint("smollm2-135m"))
+    base = load_tokenizer(open_checkpoint("gemma3-270m"))
+    config = TranslationConfig("fr")
+    prompt = sentence_prompt("The cat sleeps.", chat, config)
+    assert prompt.startswith("<|im_start|>system\n") and "into French" in prompt.split("\n")[1]
+    assert prompt.count("<|im_start|>user\n") == 4 and prompt.count("<|im_start|>assistant\n") == 4
+    assert "<|im_start|>assistant\nIl fait beau aujourd'hui.<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>user\nThe cat sleeps.<|im_end|>\n<|im_start|>assistant\n")
+    few = sentence_prompt("The cat sleeps.", base, config)
+    assert few.endswith("English: The cat sleeps.\nFrench:")
+    assert few.count("English:") == 4 and "<start_of_turn>" not in few
+
+
+def test_batched_equals_one_at_a_time(llm):
+    config = TranslationConfig("fr", max_tokens=24)
+    sentences = split_document(DOCUMENT).sentences
+    together = translate_sentences(llm, sentences, config)
+    alone = [translate_sentences(llm, [s], config)[0] for s in sentences]
+    assert together == alone
+    assert all(together), together
+    assert together != sentences
+
+
+def test_shared_prefix():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == [1, 2]
+    assert shared_prefix([[7, 1], [8, 1]]) == []
+
+
+def test_endpoint_equals_the_in_process_path(app_server, llm):
+    body = {"text": DOCUMENT, "target_language": "fr", "max_tokens": 24}
+    auth = {"Authorization": f"Bearer {APP_API_KEY}"}
+    r = httpx.post(app_server + "/v1/translate", json=body, headers=auth, timeout=120)
+    assert r.status_code == 200, r.text
+    want = translate_with_llm(llm, DOCUMENT, TranslationConfig("fr", max_tokens=24))
+    assert r.json()["text"] == want.text
+    assert r.json()["sentences"] == want.sentences == 6
+    assert len(r.json()["text"].split("\n\n")) == 2
+
+    for bad, param in [({"text": " "}, "text"), ({"target_language": "xx"}, "target_language")]:
+        r = httpx.post(app_server + "/v1/translate", json={**body, **bad}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(app_server + "/v1/translate", json=body)
+    assert r.status_code == 401
+
+
+def test_cli_keeps_paragraphs(tmp_path):
+    source = tmp_path / "doc.txt"
+    source.write_text(DOCUMENT)
+    cmd = [sys.executable, "-m", "miaotui.cli", "translate", "--to", "fr", str(source)]
+    cmd += ["--threads", "1", "--max-tokens", "24"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    paragraphs = out.stdout.strip().split("\n\n")
+    assert len(paragraphs) == 2 and all(p.strip() for p in paragraphs), out.stdout
+    assert "6 sentences" in out.stderr
+
+    cmd = [sys.executable, "-m", "miaotui.cli", "translate", "--to", "xx", "hello"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2 and "--to" in out.stderr and len(out.stderr.splitlines()) == 1
