@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,10 @@ DISCONNECT, MALFORMED, OVER_CONTEXT = 0.10, 0.05, 0.05
 WARMUP_FRACTION = 0.10
 RSS_GROWTH_LIMIT = 0.10
 EXPECTED = ("ok", "disconnected", "malformed_400", "over_context_400", "shed_429")
+REFUSED_DRAINING = "refused_503_draining"
+"""A request that arrived after SIGTERM: not accepted, so not lost."""
+GONE = "refused_after_exit"
+"""Sent after SIGTERM once the server had exited (connection refused)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Outcome:
     latency: float
     ttft: float | None = None
     detail: str = ""
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -147,6 +154,12 @@ def _malformed(rng: random.Random, chat: bool) -> dict | str:
 
 async def run_one(http: httpx.AsyncClient, url: str, p: Planned) -> Outcome:
     t0 = time.monotonic()
+    outcome = await _send(http, url, p, t0)
+    outcome.sent_at = t0
+    return outcome
+
+
+async def _send(http: httpx.AsyncClient, url: str, p: Planned, t0: float) -> Outcome:
     kw = {"content": p.body} if isinstance(p.body, str) else {"json": p.body}
     headers = {"Content-Type": "application/json"}
     try:
@@ -166,6 +179,8 @@ def _judge_whole(p: Planned, r: httpx.Response, latency: float) -> Outcome:
     want = {"malformed": 400, "over_context": 400}.get(p.kind, 200)
     if r.status_code == 429 and r.headers.get("retry-after"):
         return Outcome("shed_429", latency)
+    if r.status_code == 503 and "shutting down" in r.text and r.headers.get("retry-after"):
+        return Outcome(REFUSED_DRAINING, latency)
     if r.status_code != want:
         return Outcome(f"unexpected:http_{r.status_code}", latency, r.text[:200])
     if want == 400:
@@ -272,9 +287,18 @@ async def wait_idle(url: str, timeout: float) -> dict[str, float]:
 
 
 async def soak(
-    url: str, num_requests: int, concurrency: int, seed: int, pid: int | None, sample_s: float
+    url: str,
+    num_requests: int,
+    concurrency: int,
+    seed: int,
+    pid: int | None,
+    sample_s: float,
+    sigterm_after: int | None = None,
 ) -> tuple[dict, Samples]:
-    """Run the mix against `url`; returns the summary and the state samples."""
+    """Run the mix against `url`; returns the summary and the state samples. With
+    `sigterm_after`, the server (`pid`) gets SIGTERM once that many requests are answered:
+    every request sent before must still get its normal answer, later ones a 503 (draining)
+    or a refused connection (exited); the run ends when the server is gone."""
     async with httpx.AsyncClient(timeout=30) as http:
         card = (await http.get(url + "/v1/models")).json()["data"][0]
     requests = plan(num_requests, int(card.get("max_model_len", 2048)), seed)
@@ -289,18 +313,38 @@ async def soak(
         queue.put_nowait(p)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
     t0 = time.monotonic()
+    signalled: list[float] = []
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
 
         async def worker() -> None:
             while not queue.empty():
-                outcomes.append(await run_one(http, url, queue.get_nowait()))
+                if sigterm_after is not None and not signalled and len(outcomes) >= sigterm_after:
+                    signalled.append(time.monotonic())
+                    os.kill(pid, signal.SIGTERM)
+                outcome = await run_one(http, url, queue.get_nowait())
+                if signalled and outcome.sent_at >= signalled[0]:
+                    if outcome.kind == "unexpected:ConnectError":
+                        outcome.kind = GONE
+                        outcomes.append(outcome)
+                        return  # the server has exited: nothing more to send
+                outcomes.append(outcome)
+                if outcome.kind == REFUSED_DRAINING:
+                    await asyncio.sleep(1.0)  # as its Retry-After says
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.monotonic() - t0
-    end = await wait_idle(url, timeout=30)
+    end = None if signalled else await wait_idle(url, timeout=30)
     stop.set()
     await sampler
-    return summarize(outcomes, samples, end, wall, num_requests, concurrency), samples
+    result = summarize(outcomes, samples, end, wall, num_requests, concurrency)
+    if signalled:
+        before = [o for o in outcomes if o.sent_at < signalled[0]]
+        result["sigterm_after"] = sigterm_after
+        result["sent_before_sigterm"] = len(before)
+        result["lost_before_sigterm"] = sum(o.kind not in EXPECTED for o in before)
+        result["checks"]["no_accepted_request_lost"] = result["lost_before_sigterm"] == 0
+        result["passed"] = all(result["checks"].values())
+    return result, samples
 
 
 def _pct(values: list[float], q: int) -> float | None:
@@ -309,24 +353,31 @@ def _pct(values: list[float], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def summarize(outcomes, samples: Samples, end: dict, wall: float, n: int, conc: int) -> dict:
+def summarize(
+    outcomes: list[Outcome], samples: Samples, end: dict | None, wall: float, n: int, conc: int
+) -> dict:
+    """Counts, percentiles and the end checks (`end`: the idle server's metrics; None when it
+    was stopped mid-run, and then only the answers are checked)."""
     kinds = Counter(o.kind for o in outcomes)
-    unexpected = {k: v for k, v in kinds.items() if k not in EXPECTED}
+    expected = (*EXPECTED, REFUSED_DRAINING, GONE)
+    unexpected = {k: v for k, v in kinds.items() if k not in expected}
     examples = {}
     for o in outcomes:
-        if o.kind not in EXPECTED and o.kind not in examples:
+        if o.kind not in expected and o.kind not in examples:
             examples[o.kind] = o.detail
     ok = [o for o in outcomes if o.kind == "ok"]
     ttfts = [o.ttft for o in ok if o.ttft is not None]
     rss_growth = _rss_growth(samples, n)
-    leaked_usage = end["miaotui_kv_cache_usage_perc"]
-    checks = {
-        "zero_unexpected_errors": not unexpected,
-        "all_kv_blocks_back": leaked_usage == 0,
-        "gauges_zero": end["miaotui_num_requests_running"] == 0
-        and end["miaotui_num_requests_waiting"] == 0,
-        "rss_growth_under_10_percent": rss_growth is None or rss_growth < RSS_GROWTH_LIMIT,
-    }
+    checks = {"zero_unexpected_errors": not unexpected}
+    leaked_usage = None
+    if end is not None:
+        leaked_usage = end["miaotui_kv_cache_usage_perc"]
+        checks["all_kv_blocks_back"] = leaked_usage == 0
+        checks["gauges_zero"] = (
+            end["miaotui_num_requests_running"] == 0 and end["miaotui_num_requests_waiting"] == 0
+        )
+        checks["rss_growth_under_10_percent"] = rss_growth is None or rss_growth < RSS_GROWTH_LIMIT
+    end = end or {}
     return {
         "requests": n,
         "concurrency": conc,
@@ -426,15 +477,25 @@ def run(a: argparse.Namespace) -> tuple[dict, Samples]:
     which must exit 0)."""
 
     def go(url: str, pid: int | None) -> tuple[dict, Samples]:
-        return asyncio.run(soak(url, a.requests, a.concurrency, a.seed, pid, a.sample_s))
+        if a.sigterm_after is not None and pid is None:
+            raise SystemExit("--sigterm-after needs the server's --pid")
+        return asyncio.run(
+            soak(url, a.requests, a.concurrency, a.seed, pid, a.sample_s, a.sigterm_after)
+        )
 
     if a.url:
         return go(a.url.rstrip("/"), a.pid)
     extra = ["--max-waiting", str(a.max_waiting)] + (["--weights", a.weights] if a.weights else [])
     if a.kv_cache_gib:
         extra += ["--kv-cache-gib", str(a.kv_cache_gib)]
+    extra += ["--shutdown-timeout", str(a.shutdown_timeout)]
     with local_server(a.model, a.threads, a.max_model_len, extra) as (url, proc, log):
         result, samples = go(url, proc.pid)
+        if a.sigterm_after is not None:  # it was signalled: it must exit on its own
+            try:
+                proc.wait(timeout=a.shutdown_timeout + 30)
+            except subprocess.TimeoutExpired:
+                pass
         stop_process(proc, grace_s=60)
         result["server_exit_code"] = proc.returncode
         result["checks"]["server_exited_0_on_sigterm"] = proc.returncode == 0
@@ -457,6 +518,13 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-waiting", type=int, default=256)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool of the started server")
+    p.add_argument(
+        "--sigterm-after",
+        type=int,
+        default=None,
+        help="SIGTERM the server once this many requests are answered (drain check)",
+    )
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="of the started server")
     p.add_argument("--sample-s", type=float, default=1.0, help="metrics/RSS sampling period")
     p.add_argument("--plot", type=Path, default=BENCH_DIR / "out" / "soak.png")
     a = p.parse_args()

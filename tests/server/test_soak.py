@@ -1,7 +1,8 @@
 """A short soak (bench/bench_soak.py's mix, a few hundred requests) against a real
 `miaotui serve` on the tiny chat model with a small KV pool: every answer is what its kind must
 get (no unexpected error), every KV block comes back, the gauges return to 0, RSS stays flat,
-and SIGTERM at the end exits 0."""
+and SIGTERM at the end exits 0. Then the same mix with a SIGTERM in the middle: no request sent
+before it is lost, the later ones are refused (503 while draining, then no listener)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,33 @@ from bench import bench_soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-REQUESTS = 200
+REQUESTS = 160
 
 
-def test_short_soak_loses_nothing(tiny_chat_gguf, tmp_path):
-    args = argparse.Namespace(
+def soak_args(model, **overrides) -> argparse.Namespace:
+    """bench_soak's command line, on the tiny model with a ~260-block KV pool (the mix fills a
+    good part of it)."""
+    args = dict(
         requests=REQUESTS,
         concurrency=24,
         seed=1,
         url=None,
         pid=None,
-        model=str(tiny_chat_gguf),
+        model=str(model),
         weights="float",
         threads=1,
         max_model_len=256,
         max_waiting=256,
-        kv_cache_gib=0.003,  # ~260 blocks: the mix fills a good part of the pool
+        kv_cache_gib=0.003,
         sample_s=0.5,
+        sigterm_after=None,
+        shutdown_timeout=30.0,
     )
-    result, samples = bench_soak.run(args)
+    return argparse.Namespace(**(args | overrides))
+
+
+def test_short_soak_loses_nothing(tiny_chat_gguf, tmp_path):
+    result, samples = bench_soak.run(soak_args(tiny_chat_gguf))
     assert result["unexpected"] == {}, result["unexpected_examples"]
     assert result["checks"] == {
         "zero_unexpected_errors": True,
@@ -51,3 +60,17 @@ def test_short_soak_loses_nothing(tiny_chat_gguf, tmp_path):
     assert result["ttft_p50_s"] <= result["ttft_p99_s"]
     bench_soak.plot(samples, result, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 10_000
+
+
+def test_sigterm_mid_soak_loses_no_accepted_request(tiny_chat_gguf):
+    result, _ = bench_soak.run(soak_args(tiny_chat_gguf, requests=100, seed=2, sigterm_after=40))
+    assert result["unexpected"] == {}, result["unexpected_examples"]
+    assert result["sent_before_sigterm"] >= 40
+    assert result["lost_before_sigterm"] == 0
+    assert result["checks"]["server_exited_0_on_sigterm"], result
+    assert result["checks"]["no_traceback_in_server_log"], result
+    kinds = result["by_kind"]
+    refused = kinds.get("refused_503_draining", 0) + kinds.get("refused_after_exit", 0)
+    assert refused > 0, kinds  # requests did come after the signal, and were refused
+    answered = sum(v for k, v in kinds.items() if not k.startswith("refused"))
+    assert answered >= result["sent_before_sigterm"], kinds
