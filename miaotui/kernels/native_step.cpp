@@ -1,5 +1,5 @@
 // The whole forward pass of a llama-family decoder in one native call per step, over GGUF weight
-// blocks read in place (memory-mapped) and a paged KV cache read in place.
+// blocks (interleaved by rows at load, never decoded) and a paged KV cache read in place.
 //
 // Per step, for N packed tokens (prefill chunks and decode tokens alike) and every layer:
 //   rms_norm -> quantize to int8 blocks -> q|k|v (one pool job) -> rope, write K/V slots ->
@@ -8,7 +8,7 @@
 // then the final norm and the output head for the rows that are sampled.
 //
 // Weights stay in their GGUF block encodings (Q4_0, Q4_1, Q8_0): the bytes llama.cpp reads, with
-// fp16 scales inside each block. Activations are quantized per 32-block to int8 (llama.cpp's
+// fp16 scales inside each block, rearranged so 8 rows share each vector (make_linear). Activations are quantized per 32-block to int8 (llama.cpp's
 // Q8_1) so every block is an integer dot product. Two instruction sets are compiled from
 // native_isa.h: AVX2 (maddubs + madd) and AVX-512 VNNI on 256-bit vectors (dpbusd), chosen at
 // run time; both give bit-identical results (integer sums are exact, the fp32 order is fixed).
@@ -462,27 +462,30 @@ class NativeModel {
   int64_t threads() const { return pool_->size(); }
   std::string isa() const { return k_.name; }
 
-  // token_ids, positions, seq_index, slot_mapping: (N,); key_slots: (B, L) cache slot of every
-  // context position of each sequence; logits_index: (S,) rows to return logits for.
+  // token_ids, positions, seq_index, slot_mapping: (N,); block_table: (B, n_blocks) cache block
+  // of every block_size context positions of each sequence; logits_index: (S,) rows to return
+  // logits for.
   // k_cache[l], v_cache[l]: (num_slots, KVH, D) float16 (half the bytes a long context reads
   // per token; llama.cpp's default too). Returns (S, V) float32 logits.
   at::Tensor forward(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& seq_index,
-                     const at::Tensor& key_slots, const at::Tensor& slot_mapping, const at::Tensor& logits_index,
-                     const std::vector<at::Tensor>& k_cache, const std::vector<at::Tensor>& v_cache) {
+                     const at::Tensor& block_table, int64_t block_size, const at::Tensor& slot_mapping,
+                     const at::Tensor& logits_index, const std::vector<at::Tensor>& k_cache,
+                     const std::vector<at::Tensor>& v_cache) {
     const int64_t N = token_ids.numel(), nl = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == nl && static_cast<int64_t>(v_cache.size()) == nl,
                 "need one K and one V cache tensor per layer (", nl, ")");
-    for (const auto* t : {&token_ids, &positions, &seq_index, &key_slots, &slot_mapping, &logits_index})
+    for (const auto* t : {&token_ids, &positions, &seq_index, &block_table, &slot_mapping, &logits_index})
       TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
     TORCH_CHECK(positions.numel() == N && seq_index.numel() == N && slot_mapping.numel() == N,
                 "token_ids, positions, seq_index and slot_mapping must have the same length");
-    TORCH_CHECK(key_slots.dim() == 2, "key_slots must be (B, L)");
+    TORCH_CHECK(block_table.dim() == 2, "block_table must be (B, n_blocks)");
+    TORCH_CHECK(block_size > 0, "block_size must be positive");
     const int64_t* ids = token_ids.data_ptr<int64_t>();
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* seq = seq_index.data_ptr<int64_t>();
     const int64_t* wslot = slot_mapping.data_ptr<int64_t>();
-    const int64_t* ks = key_slots.data_ptr<int64_t>();
-    const int64_t B = key_slots.size(0), L = key_slots.size(1);
+    const int64_t* table = block_table.data_ptr<int64_t>();
+    const int64_t B = block_table.size(0), nbt = block_table.size(1), L = nbt * block_size;
     const int64_t num_slots = k_cache.empty() ? 0 : k_cache[0].size(0);
     for (int64_t n = 0; n < N; ++n) {
       TORCH_CHECK(ids[n] >= 0 && ids[n] < V_, "token id ", ids[n], " out of range [0, ", V_, ")");
@@ -490,7 +493,8 @@ class NativeModel {
       TORCH_CHECK(seq[n] >= 0 && seq[n] < B, "seq_index ", seq[n], " out of range");
       TORCH_CHECK(wslot[n] >= 0 && wslot[n] < num_slots, "slot ", wslot[n], " out of range");
     }
-    for (int64_t i = 0; i < B * L; ++i) TORCH_CHECK(ks[i] >= 0 && ks[i] < num_slots, "key slot out of range");
+    for (int64_t i = 0; i < B * nbt; ++i)
+      TORCH_CHECK(table[i] >= 0 && (table[i] + 1) * block_size <= num_slots, "cache block ", table[i], " out of range");
     for (const auto& t : k_cache) check_cache(t, num_slots);
     for (const auto& t : v_cache) check_cache(t, num_slots);
 
@@ -527,7 +531,7 @@ class NativeModel {
         k_.to_half(q + qd, kvd, kc + wslot[n] * kvd);
         k_.to_half(q + qd + kvd, kvd, vc + wslot[n] * kvd);
       });
-      attention(pool, kc, vc, pos, seq, ks, L, N);
+      attention(pool, kc, vc, pos, seq, {table, nbt, block_size}, N);
       quantize_all(pool, k_, attn_.data(), N, qd, qa_);
       items_.clear();
       add_items(items_, Ly.wo, h_.data(), C_, nullptr, item_rows(C_, N, T));
@@ -575,8 +579,13 @@ class NativeModel {
   // head; a long context is spread over all threads (split-K, merged with the softmax
   // rescaling). Splits depend on the position only and a row's arithmetic not on the tile:
   // batch-invariant.
+  struct BlockTables {
+    const int64_t* table;  // (B, per_seq)
+    int64_t per_seq, block_size;
+  };
+
   void attention(ThreadPool& pool, const uint16_t* kc, const uint16_t* vc, const int64_t* pos, const int64_t* seq,
-                 const int64_t* ks, int64_t L, int64_t N) {
+                 const BlockTables& bt, int64_t N) {
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
     split_base_.resize(N + 1);
@@ -598,7 +607,7 @@ class NativeModel {
       const AttnItem& it = attn_items_[i / KVH_];
       const int64_t kvh = i % KVH_, j0 = it.split * KV_SPLIT;
       thread_local std::vector<float> kbuf, vbuf, scores, m, l, acc;
-      thread_local std::vector<int64_t> n_keys;
+      thread_local std::vector<int64_t> n_keys, slots;
       kbuf.resize(8 * D_);
       vbuf.resize(KV_SPLIT * D_);
       scores.resize(ATTN_TILE * G * KV_SPLIT);
@@ -606,22 +615,36 @@ class NativeModel {
       l.resize(ATTN_TILE * G);
       acc.resize(ATTN_TILE * G * D_);
       n_keys.resize(ATTN_TILE);
+      slots.resize(KV_SPLIT);
       int64_t t0 = 0;  // the tile's first token that reaches this split (positions increase)
       while (pos[it.n0 + t0] < j0) ++t0;
       const int64_t T = it.count - t0, n0 = it.n0 + t0;
       for (int64_t t = 0; t < T; ++t) n_keys[t] = std::min(pos[n0 + t] + 1 - j0, KV_SPLIT);
+      const int64_t* blocks = bt.table + seq[n0] * bt.per_seq;
+      for (int64_t j = 0; j < n_keys[T - 1]; ++j)
+        slots[j] = blocks[(j0 + j) / bt.block_size] * bt.block_size + (j0 + j) % bt.block_size;
       k_.attend_tile(qkv_.data() + n0 * qkvd + kvh * G * D_, qkvd, T, G, n_keys.data(), kc + kvh * D_,
-                     vc + kvh * D_, kvd, ks + seq[n0] * L + j0, D_, scale, kbuf.data(), vbuf.data(), scores.data(),
-                     m.data(), l.data(), acc.data());
-      for (int64_t t = 0; t < T; ++t) {  // into the partials of (token's split, kv head, head)
-        const int64_t slot = ((split_base_[n0 + t] + it.split) * KVH_ + kvh) * G;
+                     vc + kvh * D_, kvd, slots.data(), D_, scale, kbuf.data(), vbuf.data(), scores.data(), m.data(),
+                     l.data(), acc.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t n = n0 + t;
+        if (split_base_[n + 1] - split_base_[n] == 1) {  // the token's only split: normalise in place
+          for (int64_t g = 0; g < G; ++g)
+            k_.merge_splits(1, 1, m.data() + t * G + g, l.data() + t * G + g, acc.data() + (t * G + g) * D_, D_,
+                            attn_.data() + n * qd + (kvh * G + g) * D_);
+          continue;
+        }
+        const int64_t slot = ((split_base_[n] + it.split) * KVH_ + kvh) * G;  // partials of (split, kv head)
         std::copy_n(m.data() + t * G, G, part_m_.data() + slot);
         std::copy_n(l.data() + t * G, G, part_l_.data() + slot);
         std::copy_n(acc.data() + t * G * D_, G * D_, part_acc_.data() + slot * D_);
       }
     });
-    pool.run(N * H_, [&](int64_t i) {
-      const int64_t n = i / H_, h = i % H_, kvh = h / G, g = h % G;
+    multi_split_.clear();  // tokens whose context spans several splits: merge them
+    for (int64_t n = 0; n < N; ++n)
+      if (split_base_[n + 1] - split_base_[n] > 1) multi_split_.push_back(n);
+    pool.run(static_cast<int64_t>(multi_split_.size()) * H_, [&](int64_t i) {
+      const int64_t n = multi_split_[i / H_], h = i % H_, kvh = h / G, g = h % G;
       const int64_t first = (split_base_[n] * KVH_ + kvh) * G + g, stride = KVH_ * G;
       k_.merge_splits(split_base_[n + 1] - split_base_[n], stride, part_m_.data() + first, part_l_.data() + first,
                       part_acc_.data() + first * D_, D_, attn_.data() + n * qd + h * D_);
@@ -660,6 +683,7 @@ class NativeModel {
     int64_t n0, count, split;  // tokens [n0, n0 + count) of one sequence, against one split
   };
   std::vector<AttnItem> attn_items_;
+  std::vector<int64_t> multi_split_;
   std::vector<float> part_m_, part_l_, part_acc_;  // attention partials per (split, kv head, head)
   QuantActs qa_;
   std::vector<LinearItem> items_;

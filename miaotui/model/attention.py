@@ -29,8 +29,11 @@ class AttentionMetadata:
     """(N,) cache slot where each new token's K/V is written."""
     query_index: torch.Tensor
     """(N,) row of each packed token in the padded (B*Tq) query grid."""
-    key_slots: torch.Tensor
-    """(B, L) cache slot of every context position (padding points at slot 0)."""
+    block_table: torch.Tensor
+    """(B, n_blocks) cache block of every block_size context positions (padding: block 0)."""
+    block_size: int
+    context_lens: list[int]
+    """Context length of each sequence after this step."""
     num_seqs: int
     max_query_len: int
     start_pos: torch.Tensor
@@ -44,6 +47,20 @@ class AttentionMetadata:
     def seq_index(self) -> torch.Tensor:
         """(N,) sequence of each packed token."""
         return self.query_index // self.max_query_len
+
+    @property
+    def key_slots(self) -> torch.Tensor:
+        """(B, L) cache slot of every context position (padding points at slot 0), L the longest
+        context: the gather index of the padded grid."""
+        if "key_slots" not in self._cache:
+            L, bs = max(self.context_lens), self.block_size
+            j = torch.arange(L, device=self.block_table.device)
+            slots = self.block_table[:, j // bs] * bs + j % bs  # (B, L)
+            if min(self.context_lens) < L:
+                lens = torch.tensor(self.context_lens, device=slots.device)
+                slots = torch.where(j[None, :] < lens[:, None], slots, 0)
+            self._cache["key_slots"] = slots
+        return self._cache["key_slots"]
 
     @property
     def mask(self) -> torch.Tensor:
@@ -100,34 +117,33 @@ def build_attention_metadata(
     `num_new[b]` tokens; `block_tables[b]` covers at least start_pos[b] + num_new[b] slots."""
     B, Tq = len(num_new), max(num_new)
     ctx = [s + n for s, n in zip(start_pos, num_new)]
-    L = max(ctx)
-    n_blocks = -(-L // block_size)
-    table = torch.zeros(B, n_blocks, dtype=torch.long)
-    for b, blocks in enumerate(block_tables):
-        row = blocks[:n_blocks]
-        table[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-    j = torch.arange(L)
-    key_slots = (table[:, j // block_size] * block_size + j % block_size).view(B, L)  # (B, L)
-    if min(ctx) < L:  # padding beyond a sequence's context points at slot 0
-        key_slots = torch.where(j[None, :] < torch.tensor(ctx)[:, None], key_slots, 0)
-    start, new = torch.tensor(start_pos), torch.tensor(num_new)
-    if Tq == 1:  # pure decode: one token per sequence
-        b_idx, positions = torch.arange(B), start
+    n_blocks = -(-max(ctx) // block_size)
+    rows = [blocks[:n_blocks] + [0] * (n_blocks - len(blocks)) for blocks in block_tables]
+    table = torch.tensor(rows, dtype=torch.long)  # (B, n_blocks)
+    if Tq == 1:  # pure decode: one token per sequence, addressed in Python ints
+        slots = [
+            row[p // block_size] * block_size + p % block_size for row, p in zip(rows, start_pos)
+        ]
+        positions, slot_mapping = torch.tensor(start_pos), torch.tensor(slots)
+        query_index = torch.arange(B)
     else:
+        start, new = torch.tensor(start_pos), torch.tensor(num_new)
         b_idx = torch.repeat_interleave(torch.arange(B), new)
         t_idx = torch.cat([torch.arange(n) for n in num_new])
         positions = start[b_idx] + t_idx
-    slots = key_slots[b_idx, positions]
-    query_index = b_idx * Tq + (positions - start[b_idx])
+        slot_mapping = table[b_idx, positions // block_size] * block_size + positions % block_size
+        query_index = b_idx * Tq + t_idx
     return AttentionMetadata(
         positions=positions.to(device),
-        slot_mapping=slots.to(device),
+        slot_mapping=slot_mapping.to(device),
         query_index=query_index.to(device),
-        key_slots=key_slots.to(device),
+        block_table=table.to(device),
+        block_size=block_size,
+        context_lens=ctx,
         num_seqs=B,
         max_query_len=Tq,
-        start_pos=start,
-        num_new=new,
+        start_pos=torch.tensor(start_pos),
+        num_new=torch.tensor(num_new),
         sliding_window=sliding_window,
     )
 

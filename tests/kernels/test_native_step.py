@@ -33,13 +33,16 @@ ISAS = ["avx2"] + (["vnni"] if ops is not None and ops.cpu_has_vnni() else [])
 
 def quantize_rows_reference(x: torch.Tensor) -> torch.Tensor:
     """x (N, K) -> x_hat (float64): each 32-block rounded to int8 as llama.cpp's Q8 does, in
-    float32 like the kernel (q = round_half_even(x * (127 / amax)), scale amax / 127), so that
-    values on a rounding boundary round the same way."""
-    xb = x.float().reshape(x.shape[0], -1, 32)
-    amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(xb * inv)
-    return (q.double() * (amax / 127.0).double()).view(x.shape)
+    IEEE float32 like the kernel (q = round_half_even(x * (127 / amax)), scale amax / 127), so
+    that values on a rounding boundary round the same way. numpy, not torch: torch's vectorised
+    127 / amax may be a reciprocal times 127, an ulp off, which moves exact ties."""
+    xb = x.float().numpy().reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.round(xb * inv)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    return torch.from_numpy(q.astype(np.float64) * d.astype(np.float64)).view(x.shape)
 
 
 def gguf_weight(qtype: str, m: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
