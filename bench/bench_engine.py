@@ -11,8 +11,10 @@ Figures, each ours / peer:
   the total / `llama-batched-bench -npl 16 -npp 128 -ntg 128` (speed_tg and speed)
 - load: `LLM()` and `LLM()` + first token in a fresh process, warm file cache (no peer ratio:
   llama-bench's model load is printed by it only in verbose mode; the issue's 0.24 s is quoted)
-- peak RSS of the whole process (ours: every figure above in one process) / llama-bench's
-- decode at a 4096-token context relative to an empty one (ours; the target is >= 0.8)
+- peak RSS of a process doing llama-bench's work (pp512 + tg128, 1024-token context) /
+  llama-bench's; also ours with every figure above in one process (4k context, batch 16)
+- decode at a 4096-token context relative to an empty one, ours (64 tokens after a 4096-token
+  prompt) and llama-bench's (`-d 0,4096 -n 64`); the target is >= 0.8
 - contention: decode with one busy process beside it (`--threads` default, i.e. what is free),
   relative to quiet, ours and llama-bench -t 2
 
@@ -102,8 +104,8 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def ours(threads: int | None, figures: list[str]) -> dict:
-    spec = json.dumps({"threads": threads, "figures": figures})
+def ours(threads: int | None, figures: list[str], max_model_len: int = 4608) -> dict:
+    spec = json.dumps({"threads": threads, "figures": figures, "max_model_len": max_model_len})
     p = subprocess.run(
         [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, check=False
     )
@@ -167,6 +169,10 @@ def run(repeats: int) -> dict:
         runs["ours1"].append(ours(1, ["decode"]))
         runs["llama1"].append(peers.llama_bench(gguf, 512, 128, threads=1, repetitions=2))
         runs["batched"].append(peers.llama_batched_bench(gguf, 16, 128, 128, threads=2))
+    depth_peer = peers.llama_bench_depths(gguf, 64, (0, 4096), threads=2)
+    rss_ours = ours(
+        2, ["prefill", "decode"], max_model_len=1024
+    )  # llama-bench's work: pp512, tg128
     rss_peer = peer_rss_mib(
         [peers.tool_path("llama-bench"), "-m", gguf, "-p", 512, "-n", 128, "-t", 2, "-r", 1], 2
     )
@@ -184,7 +190,7 @@ def run(repeats: int) -> dict:
         "prefill_pp512": (best(o2, "prefill_tok_s"), best(runs["llama2"], "prefill_tok_s")),
         "batch16_decode": (best(o2, "batch_decode_tok_s"), best(runs["batched"], "decode_tok_s")),
         "batch16_total": (best(o2, "batch_total_tok_s"), best(runs["batched"], "total_tok_s")),
-        "peak_rss": (lowest(o2, "peak_rss_mib"), rss_peer),
+        "peak_rss": (rss_ours["peak_rss_mib"], rss_peer),
     }
     figures = {k: {"ours": a, "llama.cpp": b, "ratio": ratio(a, b)} for k, (a, b) in table.items()}
     long = o2[0]
@@ -192,7 +198,9 @@ def run(repeats: int) -> dict:
         "load_s": lowest(o2 + o1, "load_s"),
         "load_to_first_token_s": lowest(o2 + o1, "load_to_first_token_s"),
         "import_s": lowest(o2 + o1, "import_s"),
+        "peak_rss_all_figures_mib": lowest(o2, "peak_rss_mib"),
         "decode_4k_over_empty": ratio(long.get("decode_4k_tok_s"), long.get("decode_empty_tok_s")),
+        "llama_decode_4k_over_empty": ratio(depth_peer.get(4096), depth_peer.get(0)),
         "contention_ours_fraction": ratio(busy_ours["decode_tok_s"], quiet_ours),
         "contention_ours_threads": busy_ours["threads"],
         "contention_llama_fraction": ratio(busy_peer["decode_tok_s"], quiet_peer),
@@ -226,6 +234,7 @@ def print_table(r: dict) -> None:
         "load_s",
         "load_to_first_token_s",
         "decode_4k_over_empty",
+        "llama_decode_4k_over_empty",
         "contention_ours_fraction",
         "contention_llama_fraction",
     ):

@@ -210,6 +210,23 @@ def llama_bench(
     }
 
 
+def llama_bench_depths(
+    gguf_path: str | Path | None = None,
+    n_gen: int = 64,
+    depths: tuple[int, ...] = (0, 4096),
+    threads: int = 2,
+    repetitions: int = 1,
+) -> dict[int, float]:
+    """`llama-bench -p 0 -n n_gen -d d0,d1,...`: decode tokens/s after a context of each depth
+    (llama-bench prefills `depth` tokens, then times n_gen single-token decodes)."""
+    require_peer("llama-bench")
+    gguf = _gguf(gguf_path)
+    cmd = [tool_path("llama-bench"), "-m", gguf, "-p", 0, "-n", n_gen, "-t", threads]
+    cmd += ["-d", ",".join(str(d) for d in depths), "-r", repetitions, "-o", "json"]
+    rows = json.loads(_run(cmd, threads, timeout=1800).stdout)
+    return {r["n_depth"]: round(r["avg_ts"], 2) for r in rows if r["n_gen"] > 0}
+
+
 def llama_batched_bench(
     gguf_path: str | Path | None = None,
     batch: int = 16,
