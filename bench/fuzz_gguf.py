@@ -147,8 +147,24 @@ def fuzz(seconds: float, out: Path, rss_limit_mb: int = 2048) -> dict:
         "corpus_files": len(list(corpus.iterdir())),
         "crashes": len(crashes),
         "crash_files": crashes,
+        "crash_errors": [_replay(Path(c)) for c in crashes if Path(c).name.startswith("crash-")],
         "log_tail": log[-3000:] if proc.returncode else "",
     }
+
+
+def _replay(path: Path) -> str:
+    """What loading a crash input raises (libFuzzer keeps the input, not the traceback)."""
+    from miaotui.errors import MiaotuiError
+
+    copy = Path(tempfile.mkdtemp(prefix="miaotui-replay-")) / "input.gguf"
+    copy.write_bytes(path.read_bytes())
+    try:
+        load_model_file(copy)
+    except MiaotuiError as e:
+        return f"{type(e).__name__} (accepted now): {e}"[:300]
+    except BaseException as e:  # what the crash was
+        return f"{type(e).__name__}: {e}"[:300]
+    return "no error on replay"
 
 
 def main() -> None:

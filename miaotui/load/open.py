@@ -26,8 +26,9 @@ def open_checkpoint(name: str | None) -> Checkpoint:
         raise ModelFormatError(f"{path} is too small to be a model file")
     try:
         return read_gguf(path)
-    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
-        # A metadata value of the wrong type or range (a string head count, NaN, zero heads).
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, RuntimeError) as e:
+        # A metadata value of the wrong type or range (a string head count, NaN, zero heads,
+        # a head count that does not divide the q rows: torch's RuntimeError on the reshape).
         raise ModelFormatError(f"{path}: inconsistent GGUF metadata: {e}") from e
 
 

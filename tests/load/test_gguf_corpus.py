@@ -346,6 +346,11 @@ def _cases() -> dict[str, tuple[Spec | bytes, type[MiaotuiError], tuple[str, ...
             MiaotuiError,
             (),
         ),
+        "head count not dividing the q rows": (
+            with_kv(s, "llama.attention.head_count", U32, 3),
+            ModelFormatError,
+            ("inconsistent GGUF metadata",),
+        ),
         "norm epsilon a string": (
             with_kv(s, "llama.attention.layer_norm_rms_epsilon", STR, "tiny"),
             ModelFormatError,
