@@ -396,6 +396,7 @@ def summarize(
         "kv_usage_peak": max((v for _, v in samples.kv_usage), default=None),
         "kv_usage_end": leaked_usage,
         "aborted_total": end.get("miaotui_request_aborted_total"),
+        "rejected_total": end.get("miaotui_request_rejected_total"),
         "step_failures_total": end.get("miaotui_engine_step_failures_total"),
         "checks": checks,
         "passed": all(checks.values()),

@@ -172,6 +172,7 @@ class AsyncEngine:
     def _post(self, command: _Add) -> None:
         self._check_alive()
         if self._queue_full:  # refused here and now: no wait for the current step to end
+            self.metrics.requests_rejected.inc()
             raise CapacityError(f"the waiting queue is full ({self._queue_limits()}); retry later")
         self._inbox.append(command)
         self._wake.set()
@@ -248,10 +249,13 @@ class AsyncEngine:
         except Exception as e:
             if not isinstance(e, MiaotuiError) and not existed:
                 self.engine.abort(rid)  # an unexpected failure may leave it half added
+            if isinstance(e, CapacityError):
+                self.metrics.requests_rejected.inc()
             deliveries.append((cmd.stream, _Rejected(e)))
             return
         if self._over_token_budget(rid):
             self.engine.abort(rid)
+            self.metrics.requests_rejected.inc()
             error = CapacityError(
                 f"the waiting queue is full ({self._queue_limits()}); retry later"
             )

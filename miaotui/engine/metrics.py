@@ -40,6 +40,9 @@ class EngineMetrics:
         self.requests_aborted = counter(
             "miaotui_request_aborted", "Requests aborted (client left, abort() or a failed step)"
         )
+        self.requests_rejected = counter(
+            "miaotui_request_rejected", "Requests refused because the queue was full (429)"
+        )
         self.step_failures = counter(
             "miaotui_engine_step_failures", "Steps that raised (their requests were aborted)"
         )

@@ -139,6 +139,7 @@ def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_ll
             assert r.json()["error"]["type"] == "rate_limit_error"
             assert "max_waiting=2" in r.json()["error"]["message"]
             assert t < 2.0, f"a 429 took {t:.2f} s"
+        assert metrics(url)["miaotui_request_rejected_total"] == len(shed)
         # The official client sees the same: RateLimitError, nothing retried behind our back.
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert client.completions.create(model="tiny", prompt="after", max_tokens=2).usage
@@ -168,6 +169,7 @@ def test_token_budget_sheds_by_cost(tiny_llm):
                     assert "max_waiting_tokens=100" in r.json()["error"]["message"]
                 # At the budget, even a small request is refused.
                 assert completion(url, prompt[:5], 5).status_code == 429
+                assert metrics(url)["miaotui_request_rejected_total"] == 3
                 del lines  # the running client leaves; the waiting two run to the end
                 for f in waiting:
                     r = f.result()
