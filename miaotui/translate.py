@@ -23,6 +23,8 @@ LANGUAGES = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "
 STYLES = ("auto", "chat", "few-shot")
 MAX_SENTENCES = 512
 """One document's bound: each sentence is a request in the engine's queue."""
+MIN_TOKENS = 16
+"""Tokens a translation may take beyond twice its source's."""
 
 # Example pairs of the few-shot prompt, one list per target language.
 _EXAMPLE_SOURCES = (
@@ -142,9 +144,13 @@ def sentence_prompt(sentence: str, tokenizer, config: TranslationConfig) -> str:
     return "\n".join(lines) + f"\nEnglish: {sentence}\n{language}:"
 
 
-def sampling_params(config: TranslationConfig) -> SamplingParams:
-    """Greedy, one line: a few-shot prompt would go on with the next example pair."""
-    return SamplingParams(max_tokens=config.max_tokens, temperature=0.0, stop=("\n",))
+def sampling_params(sentence: str, tokenizer, config: TranslationConfig) -> SamplingParams:
+    """Greedy, one line (a few-shot prompt would go on with the next example pair), and at most
+    twice the source's tokens plus a few: a translation is rarely longer, and a model that
+    babbles would otherwise keep the whole batch waiting for its last request."""
+    source = len(tokenizer.encode(sentence, add_special=False))
+    limit = min(config.max_tokens, 2 * source + MIN_TOKENS)
+    return SamplingParams(max_tokens=limit, temperature=0.0, stop=("\n",))
 
 
 def clean_output(text: str) -> str:
@@ -156,12 +162,25 @@ def clean_output(text: str) -> str:
 
 
 def translate_sentences(llm, sentences: list[str], config: TranslationConfig) -> list[str]:
-    """Every sentence in one `LLM.generate` call (one continuous batch); translations in order."""
-    prompts = [llm.tokenizer.encode(sentence_prompt(s, llm.tokenizer, config)) for s in sentences]
+    """Every sentence submitted to the `LLM`'s engine at once (one continuous batch), after
+    their shared instruction; the translations in order."""
+    tok, engine = llm.tokenizer, llm.engine
+    prompts = [tok.encode(sentence_prompt(s, tok, config)) for s in sentences]
     shared = shared_prefix(prompts)
     if len(prompts) > 1 and shared:
         llm.generate([shared], SamplingParams(max_tokens=1))  # computed once, then cached
-    return [clean_output(r.text) for r in llm.generate(prompts, sampling_params(config))]
+    ids: list[str] = []
+    try:
+        for sentence, prompt in zip(sentences, prompts):
+            ids.append(engine.add_request(prompt, sampling_params(sentence, tok, config)))
+        finals = {}
+        while engine.has_unfinished():
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+    except BaseException:
+        for rid in ids:
+            engine.abort(rid)
+        raise
+    return [clean_output(finals[rid].text) for rid in ids]
 
 
 def shared_prefix(prompts: list[list[int]]) -> list[int]:

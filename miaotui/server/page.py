@@ -95,11 +95,11 @@ def install_page(app: FastAPI, engine, config) -> None:
 async def _run_all(engine, raw: Request, sentences: list[str], cfg: TranslationConfig):
     """Every sentence as one engine request, all submitted together; their texts in order. A
     client that leaves (the page's Stop) aborts whatever is still running."""
-    params = sampling_params(cfg)
     rid = f"translate-{uuid.uuid4().hex[:16]}"
     jobs = []
     for i, sentence in enumerate(sentences):
         ids = engine.tokenizer.encode(sentence_prompt(sentence, engine.tokenizer, cfg))
+        params = sampling_params(sentence, engine.tokenizer, cfg)
         if len(ids) + params.max_tokens > engine.max_model_len:
             raise APIError(
                 400,

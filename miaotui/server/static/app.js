@@ -144,6 +144,7 @@
           t.tokens += 1;
           text += choice.delta.content;
           content.innerHTML = window.renderMarkdown(text);
+          el.scrollIntoView({ block: "end" });
         }
         if (choice.finish_reason) t.reason = choice.finish_reason;
         showStats();
