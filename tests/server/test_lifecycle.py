@@ -179,6 +179,32 @@ def test_token_budget_sheds_by_cost(tiny_llm):
         assert alone.status_code == 200 and alone.json()["usage"]["completion_tokens"] == 150
 
 
+def test_stream_disconnect_frees_its_blocks_within_a_step(tiny_llm):
+    """Clients that leave mid-stream: each one's request is gone from the engine, its blocks
+    free, by the end of the step after the one running when it left (100 ms steps)."""
+    steps = []
+
+    def counted(request_ids: list[str]) -> None:
+        time.sleep(0.1)
+        steps.append(time.monotonic())
+
+    with served(tiny_llm, counted) as (url, engine):
+        for i in range(3):
+            body = {"prompt": f"leaving {i}", "max_tokens": 200, "ignore_eos": True, "n": 2}
+            with httpx.stream(
+                "POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60
+            ) as r:
+                for k, _ in enumerate(r.iter_lines()):
+                    if k == 4:
+                        break
+                assert engine.engine.scheduler.num_running == 2
+                left_at = len(steps)
+            wait_until(lambda: not engine.engine.scheduler.requests, "the aborts", timeout=10)
+            assert len(steps) - left_at <= 2, f"freed {len(steps) - left_at} steps later"
+        assert_all_blocks_free(url, engine)
+        assert metrics(url)["miaotui_request_aborted_total"] == 6
+
+
 # ---- engine faults -------------------------------------------------------------------------------
 
 
