@@ -75,6 +75,7 @@ def serve_one(a: argparse.Namespace) -> None:
     import uvicorn
 
     from miaotui.engine.async_engine import AsyncEngine
+    from miaotui.load.resolve import resolve_model
     from miaotui.loader import build_engine
     from miaotui.server.lifecycle import DrainingServer
     from miaotui.server.openai import ServerConfig, create_app
@@ -83,9 +84,9 @@ def serve_one(a: argparse.Namespace) -> None:
     name = a.served_model_name or (a.model or "smollm2-135m")
     engine = AsyncEngine(build_engine(cfg), name, max_waiting_tokens=a.max_waiting_tokens)
     origins = tuple(a.allowed_origins)
-    app = create_app(
-        engine, ServerConfig(model_name=name, api_key=a.api_key, allowed_origins=origins)
-    )
+    path = str(resolve_model(cfg.model))  # for embeddings (served by a float build if native)
+    server = ServerConfig(name, a.api_key, allowed_origins=origins, model_path=path)
+    app = create_app(engine, server)
     print(f"miaotui: serving {name} on http://{a.host}:{a.port}/v1", file=sys.stderr)
     config = uvicorn.Config(
         app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5

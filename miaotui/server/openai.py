@@ -51,6 +51,8 @@ class ServerConfig:
     api_key: str | None = None
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     """Origins allowed by CORS (browsers); empty: no CORS headers at all (the default)."""
+    model_path: str | None = None
+    """The served checkpoint, for embeddings when the engine's model gives only logits."""
 
 
 class APIKeyAuth:
@@ -63,7 +65,10 @@ class APIKeyAuth:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            headers = dict(scope["headers"])
+            given = headers.get(b"authorization", b"")
+            if b"x-api-key" in headers:  # Anthropic's clients send the key this way
+                given = b"Bearer " + headers[b"x-api-key"]
             if not secrets.compare_digest(given, self.expected):
                 response = error_response(
                     401, "invalid or missing API key", kind="authentication_error"
@@ -131,8 +136,24 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
         _check_model(req, config)
         return await _serve(engine, raw, req, [chat_prompt(engine.tokenizer, req)], chat=True)
 
+    _install_more_endpoints(app, engine, config)
+
     install_page(app, engine, config)  # the chat page, speech in, translation
     return app
+
+
+def _install_more_endpoints(app: FastAPI, engine, config: ServerConfig) -> None:
+    """Anthropic Messages, embeddings, tokenize / detokenize (their own modules)."""
+    from miaotui.server.anthropic import install_messages
+    from miaotui.server.embeddings import install_embeddings
+    from miaotui.server.tokens import install_tokens
+
+    def check_model(req) -> None:
+        _check_model(req, config)
+
+    install_messages(app, engine, config)
+    install_embeddings(app, engine, config, check_model)
+    install_tokens(app, engine, check_model)
 
 
 def chat_prompt(tokenizer, req: ChatCompletionRequest) -> str:
@@ -173,38 +194,52 @@ _TYPE_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
-        msg = err.get("msg", "invalid request").removeprefix("Value error, ")
-        named = _FIELD_PREFIX.match(msg) if err.get("type") == "value_error" else None
-        if named:  # a model-level check names its field: "stream_options: only allowed when"
-            loc, msg = loc + [named.group(1)], msg[named.end() :]
-        param = ".".join(loc) or None
-        if err.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {msg}")
-        if param is None:
-            if err.get("type") == "missing":
-                return error_response(400, "the request body is missing; send a JSON object")
-            return error_response(400, f"the request body must be a JSON object: {msg}")
-        return error_response(400, f"{param}: {msg}", param)
+    async def _invalid(raw: Request, exc: RequestValidationError) -> JSONResponse:
+        return _reply(raw, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(raw: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind=kind, headers=exc.headers)
+        return _reply(raw, APIError(exc.status_code, str(exc.detail), None, kind, exc.headers))
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return respond(exc)
+    async def _api_error(raw: Request, exc: APIError) -> JSONResponse:
+        return _reply(raw, exc)
 
     @app.exception_handler(MiaotuiError)
-    async def _miaotui_error(_: Request, exc: MiaotuiError) -> JSONResponse:
-        return respond(api_error_for(exc))
+    async def _miaotui_error(raw: Request, exc: MiaotuiError) -> JSONResponse:
+        return _reply(raw, api_error_for(exc))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}", kind="server_error")
+    async def _unexpected(raw: Request, exc: Exception) -> JSONResponse:
+        error = APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
+        return _reply(raw, error)
+
+
+def _reply(raw: Request, e: APIError) -> JSONResponse:
+    """OpenAI's error shape, or Anthropic's on its Messages routes."""
+    if raw.url.path.startswith("/v1/messages"):
+        from miaotui.server.anthropic import error_response as anthropic_error
+
+        return anthropic_error(e)
+    return respond(e)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+    msg = err.get("msg", "invalid request").removeprefix("Value error, ")
+    named = _FIELD_PREFIX.match(msg) if err.get("type") == "value_error" else None
+    if named:  # a model-level check names its field: "stream_options: only allowed when"
+        loc, msg = loc + [named.group(1)], msg[named.end() :]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {msg}")
+    if param is None:
+        if err.get("type") == "missing":
+            return APIError(400, "the request body is missing; send a JSON object")
+        return APIError(400, f"the request body must be a JSON object: {msg}")
+    return APIError(400, f"{param}: {msg}", param)
 
 
 _FIELD_PREFIX = re.compile(r"^([a-z_]+): ")
@@ -336,23 +371,10 @@ class Call:
 async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat: bool):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     call = _call(engine, req, prompts, chat, rid)
-    constraint = _constraint(req, chat)
     if call.echo_texts and req.max_tokens == 0:
         return _echo_only(engine, call, prompts)
-    jobs = []
-    for i, prompt in enumerate(prompts):
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        params = _sampling_params(engine, req, len(ids), chat, constraint)
-        if call.per_prompt > req.n and params.logprobs is None:
-            params = replace(params, logprobs=0)  # best_of ranks by cumulative logprob
-        for j in range(call.per_prompt):
-            # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
-            seed = None if req.seed is None else req.seed + j
-            idx = i * call.per_prompt + j
-            jobs.append(Job(idx, f"{rid}-{idx}", ids, replace(params, seed=seed)))
-    fan = FanOut(engine, jobs, raw)
     try:
-        await fan.start()
+        fan = await start_call(engine, raw, call, prompts)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening
     if req.stream:
@@ -367,6 +389,32 @@ async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat:
         return Response(status_code=499)
     finally:
         fan.close()
+
+
+def chat_call(engine, req: ChatCompletionRequest, rid: str) -> Call:
+    """A chat call (for other APIs built on the chat route, e.g. Anthropic Messages)."""
+    return _call(engine, req, [], True, rid)
+
+
+async def start_call(engine, raw: Request, call: Call, prompts: list) -> FanOut:
+    """Submit the call's engine requests; bad input, a full queue or a dead engine raise here,
+    before anything is sent."""
+    req = call.req
+    constraint = _constraint(req, call.chat)
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = _sampling_params(engine, req, len(ids), call.chat, constraint)
+        if call.per_prompt > req.n and params.logprobs is None:
+            params = replace(params, logprobs=0)  # best_of ranks by cumulative logprob
+        for j in range(call.per_prompt):
+            # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
+            seed = None if req.seed is None else req.seed + j
+            idx = i * call.per_prompt + j
+            jobs.append(Job(idx, f"{call.rid}-{idx}", ids, replace(params, seed=seed)))
+    fan = FanOut(engine, jobs, raw)
+    await fan.start()
+    return fan
 
 
 def _call(engine, req: SamplingFields, prompts: list, chat: bool, rid: str) -> Call:
