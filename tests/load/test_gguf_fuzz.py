@@ -10,7 +10,7 @@ import pytest
 from bench import fuzz_gguf
 
 pytestmark = pytest.mark.timeout(120)
-SECONDS = 6
+SECONDS = 4
 
 
 def test_seed_model_loads(tmp_path):
