@@ -339,81 +339,85 @@ inline void softmax_row(float* sc, int64_t n, float* m, float* l) {
   *l = sum;
 }
 
-// One attention work item: T consecutive query tokens of one sequence, each with the G query
-// heads that share one KV head (row r = t * G + g, token t's heads at q + t * q_stride), against
-// keys [0, n_keys[t]) of one split of the context (`slots`: the split's cache slots, n_keys[T-1]
-// of them, the largest). Unnormalised softmax per row relative to the split's maximum: writes
-// m[r], l[r] and acc[r * D..] (sum of exp * v); splits are merged by merge_splits.
-// Each K and V row is converted to fp32 once for all T * G rows. A row's arithmetic is the same
-// whatever T is (8-key score blocks from the split start, sequential PV sums), so a token gets
-// the same output alone, in a batch, or in any prefill chunk.
-// Scratch: kbuf 8 * D, vbuf KV_SPLIT * D, scores T * G * KV_SPLIT floats. NV: D / 8 when known
-// at compile time (keeps the row's accumulators in registers), 0 for any D.
+// One attention work item: T consecutive query tokens of one sequence, all H = HK * G query
+// heads (row r = t * H + h, head h = kv head h / G; token t's heads at q + t * q_stride),
+// against keys [0, n_keys[t]) of one split of the context (`slots`: the split's cache slots,
+// n_keys[T-1] of them, the largest). A slot's K (V) row holds the HK KV heads side by side
+// (kv_stride halves apart), read whole: one contiguous run per slot. Unnormalised softmax per
+// row relative to the split's maximum: writes m[r], l[r] and acc[r * D..] (sum of exp * v);
+// splits are merged by merge_splits. Each K and V row is converted to fp32 once for all rows.
+// A row's arithmetic is the same whatever T is (8-key score blocks from the split start,
+// sequential PV sums), so a token gets the same output alone, in a batch, or in any prefill chunk.
+// Scratch: kbuf 8 * HK * D, vbuf KV_SPLIT * HK * D, scores T * H * KV_SPLIT floats. NV: D / 8
+// when known at compile time (keeps the row's accumulators in registers), 0 for any D.
 template <int NV>
-void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t G, const int64_t* n_keys,
+void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int64_t G, const int64_t* n_keys,
                     const uint16_t* kc, const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D,
                     float scale, float* kbuf, float* vbuf, float* scores, float* m, float* l, float* acc) {
-  const int64_t nv = NV ? NV : D / 8, n_max = n_keys[T - 1];
-  // K/V rows are scattered through the paged cache (one row per slot per KV head): fetch them
-  // ahead, the hardware prefetcher does not follow the slot list (measured 3 GB/s without).
-  constexpr int64_t AHEAD = 8;
+  const int64_t nv = NV ? NV : D / 8, n_max = n_keys[T - 1], W = HK * D, H = HK * G;
+  // K/V rows are scattered through the paged cache (block by block): fetch them ahead, the
+  // hardware prefetcher does not follow the slot list (measured 3 GB/s without).
+  constexpr int64_t AHEAD = 16;
   auto prefetch_row = [&](const uint16_t* base, int64_t j) {
     if (j >= n_max) return;
     const char* p = reinterpret_cast<const char*>(base + slots[j] * kv_stride);
-    for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < W * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  };
+  auto convert_row = [&](const uint16_t* src, float* dst) {
+    for (int64_t c = 0; c < W / 8; ++c) _mm256_storeu_ps(dst + 8 * c, load_half8(src + 8 * c));
   };
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(kc, j);
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t j0 = 0; j0 < n_max; j0 += 8) {
     for (int64_t i = 0; i < 8; ++i) {  // keys past n_max: any finite row (slot of key 0); unused
       prefetch_row(kc, j0 + AHEAD + i);
-      const uint16_t* kh = kc + slots[j0 + i < n_max ? j0 + i : 0] * kv_stride;
-      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(kbuf + i * D + 8 * c, load_half8(kh + 8 * c));
+      convert_row(kc + slots[j0 + i < n_max ? j0 + i : 0] * kv_stride, kbuf + i * W);
     }
     for (int64_t t = 0; t < T; ++t) {
       if (n_keys[t] <= j0) continue;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qr = q + t * q_stride + g * D;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qr = q + t * q_stride + h * D;
+        const float* kb = kbuf + (h / G) * D;
         __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_loadu_ps(kbuf + i * D));
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_loadu_ps(kb + i * W));
         for (int64_t c = 1; c < nv; ++c) {
           const __m256 qc = _mm256_loadu_ps(qr + 8 * c);
-          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kbuf + i * D + 8 * c), a[i]);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kb + i * W + 8 * c), a[i]);
         }
-        _mm256_storeu_ps(scores + (t * G + g) * KV_SPLIT + j0, _mm256_mul_ps(reduce8(a), sv));
+        _mm256_storeu_ps(scores + (t * H + h) * KV_SPLIT + j0, _mm256_mul_ps(reduce8(a), sv));
       }
     }
   }
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t r = t * H + h;
       if (n_keys[t] > 0) softmax_row(scores + r * KV_SPLIT, n_keys[t], m + r, l + r);
     }
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(vc, j);
   for (int64_t j = 0; j < n_max; ++j) {
     prefetch_row(vc, j + AHEAD);
-    const uint16_t* vh = vc + slots[j] * kv_stride;
-    for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(vbuf + j * D + 8 * c, load_half8(vh + 8 * c));
+    convert_row(vc + slots[j] * kv_stride, vbuf + j * W);
   }
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = t * G + g;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t r = t * H + h;
       const float* p = scores + r * KV_SPLIT;
+      const float* vb = vbuf + (h / G) * D;
       __m256 o[MAX_HEAD_DIM / 8];
       for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_setzero_ps();
       for (int64_t j = 0; j < n_keys[t]; ++j) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vbuf + j * D + 8 * c), o[c]);
+        for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vb + j * W + 8 * c), o[c]);
       }
       for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + r * D + 8 * c, o[c]);
     }
 }
 
-void attend_tile(const float* q, int64_t q_stride, int64_t T, int64_t G, const int64_t* n_keys, const uint16_t* kc,
-                 const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D, float scale, float* kbuf,
-                 float* vbuf, float* scores, float* m, float* l, float* acc) {
+void attend_tile(const float* q, int64_t q_stride, int64_t T, int64_t HK, int64_t G, const int64_t* n_keys,
+                 const uint16_t* kc, const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D,
+                 float scale, float* kbuf, float* vbuf, float* scores, float* m, float* l, float* acc) {
   auto run = D == 64 ? attend_tile_nv<8> : attend_tile_nv<0>;
-  run(q, q_stride, T, G, n_keys, kc, vc, kv_stride, slots, D, scale, kbuf, vbuf, scores, m, l, acc);
+  run(q, q_stride, T, HK, G, n_keys, kc, vc, kv_stride, slots, D, scale, kbuf, vbuf, scores, m, l, acc);
 }
 
 // out (D) = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) over S splits of one head, M = max m_s.

@@ -278,8 +278,9 @@ struct Kernels {
   void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
   void (*silu_mul)(const float*, const float*, int64_t, float*);
   void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
-  void (*attend_tile)(const float*, int64_t, int64_t, int64_t, const int64_t*, const uint16_t*, const uint16_t*,
-                      int64_t, const int64_t*, int64_t, float, float*, float*, float*, float*, float*, float*);
+  void (*attend_tile)(const float*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const uint16_t*,
+                      const uint16_t*, int64_t, const int64_t*, int64_t, float, float*, float*, float*, float*, float*,
+                      float*);
   void (*merge_splits)(int64_t, int64_t, const float*, const float*, const float*, int64_t, float*);
   void (*to_half)(const float*, int64_t, uint16_t*);
 };
@@ -573,10 +574,10 @@ class NativeModel {
   }
 
   // attn_ (N, H*D) <- softmax(q K^T / sqrt(D)) V for every (token, head), causal by position.
-  // Work items are (query tile, split of KV_SPLIT context positions, KV head): a tile is up to
-  // ATTN_TILE consecutive tokens of one sequence (a prefill chunk; one token when decoding), so
-  // each K/V row is converted once for all of the tile's tokens and the G query heads of its KV
-  // head; a long context is spread over all threads (split-K, merged with the softmax
+  // Work items are (query tile, split of KV_SPLIT context positions): a tile is up to ATTN_TILE
+  // consecutive tokens of one sequence (a prefill chunk; one token when decoding), so each
+  // slot's K/V row (all KV heads, contiguous) is converted once for all of the tile's tokens and
+  // heads; a long context is spread over all threads (split-K, merged with the softmax
   // rescaling). Splits depend on the position only and a row's arithmetic not on the tile:
   // batch-invariant.
   struct BlockTables {
@@ -595,25 +596,25 @@ class NativeModel {
       split_base_[n + 1] = split_base_[n] + S;
     }
     const int64_t total = split_base_[N];  // splits over all tokens, per KV head
-    part_m_.resize(total * KVH_ * G);
-    part_l_.resize(total * KVH_ * G);
-    part_acc_.resize(total * KVH_ * G * D_);
+    part_m_.resize(total * H_);
+    part_l_.resize(total * H_);
+    part_acc_.resize(total * H_ * D_);
     attn_items_.clear();
     for (int64_t n0 = 0, n1; n0 < N; n0 = n1) {
       for (n1 = n0 + 1; n1 < N && n1 - n0 < ATTN_TILE && seq[n1] == seq[n0] && pos[n1] == pos[n1 - 1] + 1;) ++n1;
       for (int64_t s = 0; s < split_base_[n1] - split_base_[n1 - 1]; ++s) attn_items_.push_back({n0, n1 - n0, s});
     }
-    pool.run(static_cast<int64_t>(attn_items_.size()) * KVH_, [&](int64_t i) {
-      const AttnItem& it = attn_items_[i / KVH_];
-      const int64_t kvh = i % KVH_, j0 = it.split * KV_SPLIT;
+    pool.run(static_cast<int64_t>(attn_items_.size()), [&](int64_t i) {
+      const AttnItem& it = attn_items_[i];
+      const int64_t j0 = it.split * KV_SPLIT;
       thread_local std::vector<float> kbuf, vbuf, scores, m, l, acc;
       thread_local std::vector<int64_t> n_keys, slots;
-      kbuf.resize(8 * D_);
-      vbuf.resize(KV_SPLIT * D_);
-      scores.resize(ATTN_TILE * G * KV_SPLIT);
-      m.resize(ATTN_TILE * G);
-      l.resize(ATTN_TILE * G);
-      acc.resize(ATTN_TILE * G * D_);
+      kbuf.resize(8 * kvd);
+      vbuf.resize(KV_SPLIT * kvd);
+      scores.resize(ATTN_TILE * H_ * KV_SPLIT);
+      m.resize(ATTN_TILE * H_);
+      l.resize(ATTN_TILE * H_);
+      acc.resize(ATTN_TILE * qd);
       n_keys.resize(ATTN_TILE);
       slots.resize(KV_SPLIT);
       int64_t t0 = 0;  // the tile's first token that reaches this split (positions increase)
@@ -623,29 +624,28 @@ class NativeModel {
       const int64_t* blocks = bt.table + seq[n0] * bt.per_seq;
       for (int64_t j = 0; j < n_keys[T - 1]; ++j)
         slots[j] = blocks[(j0 + j) / bt.block_size] * bt.block_size + (j0 + j) % bt.block_size;
-      k_.attend_tile(qkv_.data() + n0 * qkvd + kvh * G * D_, qkvd, T, G, n_keys.data(), kc + kvh * D_,
-                     vc + kvh * D_, kvd, slots.data(), D_, scale, kbuf.data(), vbuf.data(), scores.data(), m.data(),
-                     l.data(), acc.data());
+      k_.attend_tile(qkv_.data() + n0 * qkvd, qkvd, T, KVH_, G, n_keys.data(), kc, vc, kvd, slots.data(), D_, scale,
+                     kbuf.data(), vbuf.data(), scores.data(), m.data(), l.data(), acc.data());
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = n0 + t;
         if (split_base_[n + 1] - split_base_[n] == 1) {  // the token's only split: normalise in place
-          for (int64_t g = 0; g < G; ++g)
-            k_.merge_splits(1, 1, m.data() + t * G + g, l.data() + t * G + g, acc.data() + (t * G + g) * D_, D_,
-                            attn_.data() + n * qd + (kvh * G + g) * D_);
+          for (int64_t h = 0; h < H_; ++h)
+            k_.merge_splits(1, 1, m.data() + t * H_ + h, l.data() + t * H_ + h, acc.data() + (t * H_ + h) * D_, D_,
+                            attn_.data() + n * qd + h * D_);
           continue;
         }
-        const int64_t slot = ((split_base_[n] + it.split) * KVH_ + kvh) * G;  // partials of (split, kv head)
-        std::copy_n(m.data() + t * G, G, part_m_.data() + slot);
-        std::copy_n(l.data() + t * G, G, part_l_.data() + slot);
-        std::copy_n(acc.data() + t * G * D_, G * D_, part_acc_.data() + slot * D_);
+        const int64_t slot = (split_base_[n] + it.split) * H_;  // partials of (split, head)
+        std::copy_n(m.data() + t * H_, H_, part_m_.data() + slot);
+        std::copy_n(l.data() + t * H_, H_, part_l_.data() + slot);
+        std::copy_n(acc.data() + t * qd, qd, part_acc_.data() + slot * D_);
       }
     });
     multi_split_.clear();  // tokens whose context spans several splits: merge them
     for (int64_t n = 0; n < N; ++n)
       if (split_base_[n + 1] - split_base_[n] > 1) multi_split_.push_back(n);
     pool.run(static_cast<int64_t>(multi_split_.size()) * H_, [&](int64_t i) {
-      const int64_t n = multi_split_[i / H_], h = i % H_, kvh = h / G, g = h % G;
-      const int64_t first = (split_base_[n] * KVH_ + kvh) * G + g, stride = KVH_ * G;
+      const int64_t n = multi_split_[i / H_], h = i % H_;
+      const int64_t first = split_base_[n] * H_ + h, stride = H_;
       k_.merge_splits(split_base_[n + 1] - split_base_[n], stride, part_m_.data() + first, part_l_.data() + first,
                       part_acc_.data() + first * D_, D_, attn_.data() + n * qd + h * D_);
     });
