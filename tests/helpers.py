@@ -440,9 +440,10 @@ def app_server_process(*extra: str, timeout: float = 240) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def chromium() -> Iterator[object]:
-    """Debian's Chromium driven by Playwright (headless, no sandbox: CI runs as root). Fails,
-    never skips, when either is missing, saying what to install."""
+def chromium(*args: str) -> Iterator[object]:
+    """Debian's Chromium driven by Playwright (headless, no sandbox: CI runs as root), with
+    more command-line `args`. Fails, never skips, when either is missing, saying what to
+    install."""
     import pytest
 
     try:
@@ -455,7 +456,7 @@ def chromium() -> Iterator[object]:
         )
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", *args]
         )
         try:
             yield browser

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from miaotui.audio.wer import word_error_rate
 from miaotui.engine.engine import Produced, RequestOutput
 from miaotui.engine.metrics import EngineMetrics
 from miaotui.load.open import load_tokenizer, open_checkpoint
@@ -40,9 +41,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 ANSWER = ".msg.assistant"
 
 
+def fake_microphone() -> tuple[str, ...]:
+    """Chromium flags: a microphone that plays LibriVox clip 1 once, granted without asking."""
+    return (
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={librivox_clips()[1][0]}%noloop",
+    )
+
+
 @pytest.fixture(scope="module")
 def browser():
-    with chromium() as b:
+    with chromium(*fake_microphone()) as b:
         yield b
 
 
@@ -198,11 +208,25 @@ def test_uploaded_speech_is_transcribed_and_answered(app_server, browser):
     page.set_input_files("#upload", str(path))
     wait_answer(page, timeout_s=60)
     heard = page.inner_text(".msg.user")
-    from miaotui.audio.wer import word_error_rate
-
     assert word_error_rate([reference], [heard]) < 0.5, heard
     assert last_answer_state(page) == "done"
     assert page.inner_text(f"{ANSWER} .content").strip()
+    page.close()
+
+
+def test_recorded_speech_is_transcribed_and_answered(app_server, browser):
+    """The Record button, on Chromium's fake microphone (see fake_microphone)."""
+    reference = librivox_clips()[1][1]
+    page = open_page(browser, app_server, temperature=0, max_tokens=8)
+    page.click("#record")
+    page.wait_for_function("() => document.querySelector('#record').textContent !== 'Record'")
+    time.sleep(3.5)  # the clip lasts 3 s
+    page.click("#record")
+    wait_answer(page, timeout_s=60)
+    heard = page.inner_text(".msg.user")
+    assert word_error_rate([reference], [heard]) < 0.5, heard
+    assert last_answer_state(page) == "done"
+    assert not page.js_errors
     page.close()
 
 
