@@ -148,7 +148,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
             return
         log.warning("%s: draining for up to %g s", signal.Signals(sig).name, self.shutdown_timeout)
-        loop = asyncio.get_event_loop()
+        try:  # the handler runs on the main thread, between two steps of the running loop
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop yet (still starting): nothing to drain
+            self.should_exit = True
+            return
         loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
