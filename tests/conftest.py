@@ -120,5 +120,15 @@ def api_server():
 def app_server():
     """`miaotui serve` on the default model with the chat page, speech and translation (API key
     helpers.APP_API_KEY), shared by the application tests; its base URL."""
-    with helpers.app_server_process() as url:
+    args = ("--threads", "1", "--max-model-len", "2048", "--api-key", helpers.APP_API_KEY)
+    with helpers.miaotui_serve(*args) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_api_server(tiny_chat_gguf):
+    """`miaotui serve` on the tiny chat model with float weights (a `Transformer`, compared
+    with its transformers twin `helpers.tiny_chat_hf_model()`)."""
+    args = ("--model", str(tiny_chat_gguf), "--weights", "float", "--threads", "1")
+    with helpers.miaotui_serve(*args) as url:
         yield url

@@ -2,16 +2,12 @@
 the last norm), L2-normalized; `float` or `base64` (little-endian float32) encodings; a list of
 inputs runs as one packed forward pass, each sequence attending only to itself.
 
-The hidden states come from a `Transformer` (the engine's own, with its own KV cache here, when
-it serves packed or float weights; the native step only returns logits, so then a float build of
-the same checkpoint is loaded on the first embeddings request). Forward passes run in a worker
-thread, one at a time, so the event loop and the engine's step loop keep going."""
+The hidden states come from the server's own forward passes (forward.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import threading
 from typing import Literal
 
 import torch
@@ -19,8 +15,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from miaotui.server.errors import APIError
+from miaotui.server.forward import ServerForward
 
-BLOCK = 16
 MAX_INPUTS = 256
 
 
@@ -34,63 +30,18 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-class Embedder:
-    """Mean-pooled, normalized final hidden states of token sequences."""
-
-    def __init__(self, engine, model_path: str | None):
-        self.engine, self.model_path = engine, model_path
-        self._model = None
-        self._lock = threading.Lock()
-
-    def model(self):
-        if self._model is None:
-            from miaotui.model.transformer import Transformer
-
-            runner_model = self.engine.engine.runner.model
-            if isinstance(runner_model, Transformer):
-                self._model = runner_model
-            elif self.model_path is None:
-                raise APIError(400, "embeddings need the model's path", "model")
-            else:
-                from miaotui.load.open import open_checkpoint
-                from miaotui.model.build import build_model
-
-                ckpt = open_checkpoint(self.model_path)
-                self._model = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
-        return self._model
-
-    @torch.inference_mode()
-    def embed(self, sequences: list[list[int]]) -> torch.Tensor:
-        """(B, C) float32 unit vectors, one per sequence."""
-        from miaotui.model.attention import build_attention_metadata
-        from miaotui.model.kv_cache import KVCache
-
-        with self._lock:
-            model = self.model()
-            c = model.config
-            tables, next_block = [], 1  # block 0 stays unused, like the pool's null block
-            for ids in sequences:
-                n = -(-len(ids) // BLOCK)
-                tables.append(list(range(next_block, next_block + n)))
-                next_block += n
-            n_kv_heads, dtype, device = model.kv_spec()
-            cache = KVCache(c.n_layers, next_block * BLOCK, n_kv_heads, c.head_dim, dtype, device)
-            lens = [len(ids) for ids in sequences]
-            meta = build_attention_metadata([0] * len(lens), lens, tables, BLOCK, c.sliding_window)
-            packed = torch.tensor([t for ids in sequences for t in ids], device=device)
-            hidden = model.hidden_states(packed, meta, cache).float()  # (N, C)
-            pooled = torch.stack([h.mean(0) for h in hidden.split(lens)])  # (B, C)
-            return torch.nn.functional.normalize(pooled, dim=-1)
+def embed(forward: ServerForward, sequences: list[list[int]]) -> torch.Tensor:
+    """(B, C) float32 unit vectors: each sequence's hidden states, mean-pooled."""
+    pooled = torch.stack([h.mean(0) for h in forward.hidden_states(sequences)])
+    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def install_embeddings(app: FastAPI, engine, config, check_model) -> None:
-    embedder = Embedder(engine, getattr(config, "model_path", None))
-
+def install_embeddings(app: FastAPI, engine, forward: ServerForward, check_model) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict:
         check_model(req)
         sequences = _sequences(req.input, engine)
-        vectors = await asyncio.to_thread(embedder.embed, sequences)
+        vectors = await asyncio.to_thread(embed, forward, sequences)
         if req.dimensions is not None and req.dimensions != vectors.shape[1]:
             raise APIError(
                 400, f"dimensions: this model's embeddings have {vectors.shape[1]}", "dimensions"

@@ -9,6 +9,7 @@ in structured.py, tool calling in tools.py, the served OpenAPI document in opena
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -25,11 +26,13 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from miaotui.engine.engine import RequestOutput
+from miaotui.engine.sampler import SampledToken
 from miaotui.errors import InvalidRequestError, MiaotuiError
 from miaotui.sampling_params import SamplingParams
 from miaotui.server import tools
 from miaotui.server.errors import APIError, api_error_for, error_body, error_response, respond
 from miaotui.server.fanout import ClientGone, FanOut, Job
+from miaotui.server.forward import ServerForward
 from miaotui.server.lifecycle import install_lifecycle
 from miaotui.server.openapi_doc import document_errors
 from miaotui.server.page import install_page
@@ -95,6 +98,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     install_lifecycle(app, engine)  # outermost: drain, dead engine and /health (lifecycle.py)
     _add_error_handlers(app)
     document_errors(app)
+    forward = ServerForward(engine, config.model_path)  # embeddings, prompt logprobs
 
     @app.get("/health")
     async def health() -> Response:
@@ -129,20 +133,20 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     async def completions(req: CompletionRequest, raw: Request):
         _check_model(req, config)
         prompts = _completion_prompts(req.prompt)
-        return await _serve(engine, raw, req, prompts, chat=False)
+        return await _serve(engine, raw, req, prompts, chat=False, forward=forward)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         _check_model(req, config)
         return await _serve(engine, raw, req, [chat_prompt(engine.tokenizer, req)], chat=True)
 
-    _install_more_endpoints(app, engine, config)
+    _install_more_endpoints(app, engine, config, forward)
 
     install_page(app, engine, config)  # the chat page, speech in, translation
     return app
 
 
-def _install_more_endpoints(app: FastAPI, engine, config: ServerConfig) -> None:
+def _install_more_endpoints(app: FastAPI, engine, config: ServerConfig, forward) -> None:
     """Anthropic Messages, embeddings, tokenize / detokenize (their own modules)."""
     from miaotui.server.anthropic import install_messages
     from miaotui.server.embeddings import install_embeddings
@@ -152,7 +156,7 @@ def _install_more_endpoints(app: FastAPI, engine, config: ServerConfig) -> None:
         _check_model(req, config)
 
     install_messages(app, engine, config)
-    install_embeddings(app, engine, config, check_model)
+    install_embeddings(app, engine, forward, check_model)
     install_tokens(app, engine, check_model)
 
 
@@ -366,11 +370,23 @@ class Call:
     """Engine requests per prompt: n, or best_of (the n most likely of them are returned)."""
     echo_texts: tuple[str, ...] = ()
     """Completions with echo: each prompt's text, returned before its completion."""
+    echo_logprobs: tuple[list[SampledToken], ...] = ()
+    """With echo and logprobs: each prompt's token log-probabilities (the first has none)."""
 
 
-async def _serve(engine, raw: Request, req: SamplingFields, prompts: list, chat: bool):
+async def _serve(
+    engine,
+    raw: Request,
+    req: SamplingFields,
+    prompts: list,
+    chat: bool,
+    forward: ServerForward | None = None,
+):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     call = _call(engine, req, prompts, chat, rid)
+    if call.echo_texts and req.logprobs is not None and forward is not None:
+        echo_logprobs = await _prompt_logprobs(engine, forward, prompts, req.logprobs)
+        call = replace(call, echo_logprobs=echo_logprobs)
     if call.echo_texts and req.max_tokens == 0:
         return _echo_only(engine, call, prompts)
     try:
@@ -432,12 +448,8 @@ def _call(engine, req: SamplingFields, prompts: list, chat: bool, rid: str) -> C
                 )
             per_prompt = req.best_of
         if req.echo:
-            if req.logprobs is not None:
-                raise APIError(
-                    400,
-                    "echo with logprobs (prompt log-probabilities) is not supported",
-                    "echo",
-                )
+            if req.stream:
+                raise APIError(400, "echo cannot be streamed", "echo")
             echo_texts = tuple(
                 p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts
             )
@@ -449,14 +461,34 @@ def _call(engine, req: SamplingFields, prompts: list, chat: bool, rid: str) -> C
 MAX_ENGINE_REQUESTS = 64
 
 
-def _echo_only(engine, call: Call, prompts: list) -> JSONResponse:
-    """echo with max_tokens 0: the prompts themselves, nothing generated."""
+def _prompt_ids(engine, prompts: list) -> list[list[int]]:
     ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for p in ids:
         if len(p) > engine.max_model_len:
             raise _context_exceeded(engine.max_model_len, len(p), None, "prompt")
+        if not p or not all(0 <= t < engine.tokenizer.vocab_size for t in p):
+            raise APIError(400, "prompt: empty, or token ids outside the vocabulary", "prompt")
+    return ids
+
+
+async def _prompt_logprobs(engine, forward: ServerForward, prompts: list, top: int) -> tuple:
+    """echo with logprobs: every prompt token's log-probability (the server's own pass)."""
+    ids = _prompt_ids(engine, prompts)
+    return tuple([await asyncio.to_thread(forward.prompt_logprobs, p, top) for p in ids])
+
+
+def _echo_only(engine, call: Call, prompts: list) -> JSONResponse:
+    """echo with max_tokens 0: the prompts themselves (and their logprobs), nothing generated."""
+    ids = _prompt_ids(engine, prompts)
     choices = [
-        {"index": i * call.req.n + j, "text": text, "logprobs": None, "finish_reason": "length"}
+        {
+            "index": i * call.req.n + j,
+            "text": text,
+            "logprobs": _logprobs(call.echo_logprobs[i], False, engine.tokenizer)
+            if call.echo_logprobs
+            else None,
+            "finish_reason": "length",
+        }
         for i, text in enumerate(call.echo_texts)
         for j in range(call.req.n)
     ]
@@ -526,7 +558,10 @@ def _finish_reason(out: RequestOutput, calls: list) -> str | None:
 
 def _choice(idx: int, out: RequestOutput, call: Call, tokenizer) -> dict[str, Any]:
     asked_logprobs = call.req.logprobs is not None and call.req.logprobs is not False
-    lp = _logprobs(out.logprobs, call.chat, tokenizer) if out.logprobs and asked_logprobs else None
+    tokens = out.logprobs
+    if call.echo_logprobs:
+        tokens = call.echo_logprobs[idx // call.req.n] + tokens
+    lp = _logprobs(tokens, call.chat, tokenizer) if tokens and asked_logprobs else None
     if call.chat:
         answer = tools.parse_answer(call.req, out.text)
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
@@ -575,7 +610,9 @@ def _logprobs(tokens, chat: bool, tokenizer, offset: int = 0) -> dict[str, Any]:
     return {
         "tokens": toks,
         "token_logprobs": [s.logprob for s in tokens],
-        "top_logprobs": [{text(t): lp for t, lp in s.top_logprobs} for s in tokens],
+        "top_logprobs": [
+            None if s.logprob is None else {text(t): lp for t, lp in s.top_logprobs} for s in tokens
+        ],
         "text_offset": offsets,
     }
 

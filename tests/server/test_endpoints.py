@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from tests.helpers import miaotui_serve, tiny_chat_hf_model
+from tests.helpers import tiny_chat_hf_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -156,14 +156,6 @@ def test_tokenize_detokenize(api_server, oai):
 # ---- embeddings -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_chat_gguf):
-    with miaotui_serve(
-        "--model", str(tiny_chat_gguf), "--weights", "float", "--threads", "1"
-    ) as url:
-        yield url
-
-
 def reference_embeddings(hf, ids: list[int]) -> np.ndarray:
     """transformers' final hidden state (after the last norm), mean-pooled and normalized."""
     with torch.no_grad():
@@ -172,12 +164,13 @@ def reference_embeddings(hf, ids: list[int]) -> np.ndarray:
     return pooled / np.linalg.norm(pooled)
 
 
-def test_embeddings_equal_the_float_reference(tiny_server):
-    client = openai.OpenAI(base_url=tiny_server + "/v1", api_key="none", max_retries=0)
+def test_embeddings_equal_the_float_reference(tiny_api_server):
+    client = openai.OpenAI(base_url=tiny_api_server + "/v1", api_key="none", max_retries=0)
     hf = tiny_chat_hf_model()
     texts = ["Hello world", "A longer sentence about embeddings and pooling.", "x"]
     tokens = [
-        httpx.post(tiny_server + "/tokenize", json={"prompt": t}).json()["tokens"] for t in texts
+        httpx.post(tiny_api_server + "/tokenize", json={"prompt": t}).json()["tokens"]
+        for t in texts
     ]
     batch = client.embeddings.create(model="default", input=texts)
     assert [d.index for d in batch.data] == [0, 1, 2]
@@ -190,7 +183,7 @@ def test_embeddings_equal_the_float_reference(tiny_server):
     np.testing.assert_allclose(alone, batch.data[1].embedding, atol=1e-6)
     np.testing.assert_allclose(ids_batch.data[1].embedding, batch.data[1].embedding, atol=1e-6)
     raw = httpx.post(
-        tiny_server + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}
+        tiny_api_server + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}
     ).json()["data"][0]["embedding"]
     decoded = np.frombuffer(base64.b64decode(raw), dtype="<f4")
     np.testing.assert_allclose(decoded, batch.data[0].embedding, atol=1e-6)
