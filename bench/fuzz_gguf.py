@@ -119,8 +119,9 @@ def run_child(corpus: Path, out: Path, libfuzzer_args: list[str]) -> None:
     atheris.Fuzz()
 
 
-def fuzz(seconds: float, out: Path, rss_limit_mb: int = 2048) -> dict:
-    """Run libFuzzer for `seconds` in a child process; its corpus and crashes go to `out`."""
+def fuzz(seconds: float, out: Path, rss_limit_mb: int = 2048, seed: int | None = None) -> dict:
+    """Run libFuzzer for `seconds` in a child process; its corpus and crashes go to `out`.
+    `seed` fixes libFuzzer's random seed (None: a new one each run)."""
     corpus = out / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     if not any(corpus.iterdir()):
@@ -132,6 +133,8 @@ def fuzz(seconds: float, out: Path, rss_limit_mb: int = 2048) -> dict:
         f"-rss_limit_mb={rss_limit_mb}",
         "-print_final_stats=1",
     ]
+    if seed is not None:
+        args.append(f"-seed={seed}")
     cmd = [sys.executable, __file__, "--child", "--corpus", str(corpus), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd + ["--", *args], capture_output=True, text=True, env=env)
@@ -172,6 +175,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=600)
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out" / "fuzz_gguf")
     p.add_argument("--rss-limit-mb", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=None, help="libFuzzer's seed (default: random)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     a, rest = p.parse_known_args()
@@ -179,7 +183,7 @@ def main() -> None:
         run_child(a.corpus, a.out, [r for r in rest if r != "--"])
         return
     a.out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(fuzz(a.seconds, a.out.resolve(), a.rss_limit_mb), indent=1))
+    print(json.dumps(fuzz(a.seconds, a.out.resolve(), a.rss_limit_mb, a.seed), indent=1))
 
 
 if __name__ == "__main__":
