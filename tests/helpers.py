@@ -408,35 +408,10 @@ def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
-# ---- the applications: a real `miaotui serve`, a browser, Prometheus metrics ---------------------
+# ---- the applications: a browser, Prometheus metrics, LibriVox clips ----------------------------------
 
 APP_API_KEY = "sk-miaotui-apps"
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-@contextlib.contextmanager
-def app_server_process(*extra: str, timeout: float = 240) -> Iterator[str]:
-    """`miaotui serve` on the default model in a subprocess (one thread, --api-key
-    APP_API_KEY); yields its base URL. The server's output must hold no traceback."""
-    import subprocess
-    import sys
-    import tempfile
-
-    from bench.health import stop_process, wait_healthy
-
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="miaotui-apps-")) / "server.log"
-    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--threads", "1"]
-    cmd += ["--max-model-len", "2048", "--api-key", APP_API_KEY, *extra]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log, timeout=timeout)
-        yield url
-    finally:
-        stop_process(proc)
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 @contextlib.contextmanager
