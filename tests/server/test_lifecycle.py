@@ -146,6 +146,28 @@ def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_ll
         assert_all_blocks_free(url, engine)
 
 
+def test_429_does_not_wait_for_the_step(tiny_llm):
+    """Half-second steps, one running and one waiting (max_waiting=1): each further request is
+    refused in a fraction of a step, not at the next step boundary."""
+    with served(tiny_llm, slow_steps(0.5), max_num_seqs=1, max_waiting=1) as (url, engine):
+        body = {"prompt": "slow", "max_tokens": 50, "ignore_eos": True, "stream": True}
+        with (
+            httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as running,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            lines = running.iter_lines()
+            next(lines)
+            waiting = pool.submit(completion, url, "waits", 2)
+            wait_until(lambda: metrics(url)["miaotui_num_requests_waiting"] == 1, "a waiter")
+            for _ in range(5):
+                t0 = time.monotonic()
+                r = completion(url, "refused", 2)
+                assert r.status_code == 429 and time.monotonic() - t0 < 0.25
+            del lines
+            assert waiting.result().status_code == 200
+        assert_all_blocks_free(url, engine)
+
+
 def test_token_budget_sheds_by_cost(tiny_llm):
     """max_waiting_tokens=100: with one request running, two 50-token requests (10 prompt ids +
     40 new) may wait, the third gets 429 naming the budget; the waiting ones then finish."""
