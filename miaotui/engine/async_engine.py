@@ -221,15 +221,12 @@ class AsyncEngine:
                     self._apply_abort(command, deliveries)
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
+                self.engine.step_request_ids = []  # set by the step once it has scheduled
                 try:
                     outputs = self.engine.step()
                 except Exception as e:
                     log.exception("engine step failed; aborting its requests")
-                    self.metrics.step_failures.inc()
-                    failure = EngineStepError(
-                        f"the engine step failed and aborted this request: {type(e).__name__}: {e}"
-                    )
-                    self._fail_requests(self.engine.step_request_ids, failure, deliveries)
+                    self._step_failed(e, deliveries)
             self._record(outputs)
             for o in outputs:
                 stream = self._streams.get(o.request_id)
@@ -293,6 +290,18 @@ class AsyncEngine:
         self.metrics.requests_aborted.inc()
         if stream is not None and cmd.stream is None:  # aborted from outside: end the consumer
             deliveries.append((stream, _abort_output(rid, stream, request)))
+
+    def _step_failed(self, error: Exception, deliveries: list) -> None:
+        """Fail the requests of the step that raised. If it raised before it had scheduled any
+        (the scheduler itself failed), fail them all: a step that keeps failing must not
+        leave the others waiting forever."""
+        self.metrics.step_failures.inc()
+        failure = EngineStepError(
+            f"the engine step failed and aborted this request: {type(error).__name__}: {error}"
+        )
+        requests = self.engine.scheduler.requests
+        in_step = [rid for rid in self.engine.step_request_ids if rid in requests]
+        self._fail_requests(in_step or list(requests), failure, deliveries)
 
     def _fail_requests(self, request_ids: list[str], error: Exception, deliveries: list) -> None:
         """Abort these requests (freeing their blocks); their consumers receive `error`."""

@@ -284,6 +284,34 @@ def test_failed_step_fails_only_its_requests_and_the_server_keeps_serving(tiny_l
         assert_all_blocks_free(url, engine)
 
 
+def test_scheduler_failure_fails_everything_then_serves_again(tiny_llm):
+    """A step that fails before it has scheduled anything (the scheduler raised) cannot tell
+    whose step it was: every request fails with the 500, none is left waiting forever."""
+    with served(tiny_llm, slow_steps(0.02), max_num_seqs=1) as (url, engine):
+        scheduler = engine.engine.scheduler
+        schedule, armed = scheduler.schedule, threading.Event()
+
+        def failing_once():
+            if armed.is_set():
+                armed.clear()
+                raise RuntimeError("injected scheduler fault")
+            return schedule()
+
+        scheduler.schedule = failing_once
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(completion, url, "first", 150)
+            wait_until(lambda: scheduler.num_running == 1, "the first to run")
+            waiting = pool.submit(completion, url, "second", 8)
+            wait_until(lambda: scheduler.num_waiting == 1, "the second to wait")
+            armed.set()
+            for r in (running.result(), waiting.result()):
+                assert r.status_code == 500, r.text
+                assert "injected scheduler fault" in r.json()["error"]["message"]
+        r = completion(url, "after", 3)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert_all_blocks_free(url, engine)
+
+
 class StepThreadKilled(BaseException):
     """Not an Exception: escapes the step's handler and ends the step thread."""
 
