@@ -70,13 +70,13 @@ def load_model(ckpt: Checkpoint, cfg: EngineConfig, tokenizer: TextTokenizer) ->
 
 
 def native_step_applies(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """Native GGUF weights on the CPU in fp32 with a float KV cache run as one native call per
-    step (model/native_step.py) when the checkpoint allows it."""
+    """Native GGUF weights on the CPU in fp32 (KV cache float16 or int8) run as one native call
+    per step (model/native_step.py) when the checkpoint allows it."""
     return (
         cfg.weights == "native"
         and device.type == "cpu"
         and dtype == torch.float32
-        and cfg.cache.kv_dtype == "auto"
+        and cfg.cache.kv_dtype in ("auto", "int8")
     )
 
 

@@ -77,6 +77,29 @@ void to_half(const float* x, int64_t n, uint16_t* y) {
                      _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// n_heads rows of D values -> int8 codes and one scale per row (symmetric absmax, as
+// model/kv_cache.py's Int8KVCache: s = max(amax, 1e-8) / 127, q = round_half_even(x / s)).
+void quantize_kv(const float* x, int64_t n_heads, int64_t D, int8_t* q, float* s) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  constexpr int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t h = 0; h < n_heads; ++h) {
+    const float* xh = x + h * D;
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D; c += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xh + c)));
+    const float sh = std::max(hmax(mx), 1e-8f) / 127.0f;
+    const __m256 sv = _mm256_set1_ps(sh);
+    for (int64_t c = 0; c < D; c += 8) {
+      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xh + c), sv), rnd);
+      v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+      const __m128i i32lo = _mm256_castsi256_si128(_mm256_cvtps_epi32(v));
+      const __m128i i32hi = _mm256_extracti128_si256(_mm256_cvtps_epi32(v), 1);
+      const __m128i i16 = _mm_packs_epi32(i32lo, i32hi);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + h * D + c), _mm_packs_epi16(i16, i16));
+    }
+    s[h] = sh;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activations quantized per 32-block to int8 (llama.cpp's Q8_1): x ~= d * q, s = d * sum(q).
 
@@ -350,28 +373,43 @@ inline void softmax_row(float* sc, int64_t n, float* m, float* l) {
 // sequential PV sums), so a token gets the same output alone, in a batch, or in any prefill chunk.
 // Scratch: kbuf 8 * HK * D, vbuf KV_SPLIT * HK * D, scores T * H * KV_SPLIT floats. NV: D / 8
 // when known at compile time (keeps the row's accumulators in registers), 0 for any D.
-template <int NV>
+template <int NV, bool I8>
 void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int64_t G, const int64_t* n_keys,
-                    const uint16_t* kc, const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D,
-                    float scale, float* kbuf, float* vbuf, float* scores, float* m, float* l, float* acc) {
-  const int64_t nv = NV ? NV : D / 8, n_max = n_keys[T - 1], W = HK * D, H = HK * G;
+                    const KVRows& kv, const int64_t* slots, int64_t D, float scale, float* kbuf, float* vbuf,
+                    float* scores, float* m, float* l, float* acc) {
+  const int64_t nv = NV ? NV : D / 8, n_max = n_keys[T - 1], W = HK * D, H = HK * G, kv_stride = W;
+  using Elem = std::conditional_t<I8, int8_t, uint16_t>;
+  const Elem* kc = static_cast<const Elem*>(kv.k);
+  const Elem* vc = static_cast<const Elem*>(kv.v);
   // K/V rows are scattered through the paged cache (block by block): fetch them ahead, the
   // hardware prefetcher does not follow the slot list (measured 3 GB/s without).
   constexpr int64_t AHEAD = 16;
-  auto prefetch_row = [&](const uint16_t* base, int64_t j) {
+  auto prefetch_row = [&](const Elem* base, int64_t j) {
     if (j >= n_max) return;
     const char* p = reinterpret_cast<const char*>(base + slots[j] * kv_stride);
-    for (int64_t off = 0; off < W * 2; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < W * static_cast<int64_t>(sizeof(Elem)); off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
   };
-  auto convert_row = [&](const uint16_t* src, float* dst) {
-    for (int64_t c = 0; c < W / 8; ++c) _mm256_storeu_ps(dst + 8 * c, load_half8(src + 8 * c));
+  // slot's row (HK heads x D) -> fp32; int8 rows times their per-head scales
+  auto convert_row = [&](const Elem* src, const float* scales, float* dst) {
+    if constexpr (I8) {
+      for (int64_t hk = 0; hk < HK; ++hk) {
+        const __m256 sc = _mm256_set1_ps(scales[hk]);
+        for (int64_t c = 0; c < D / 8; ++c) {
+          const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + hk * D + 8 * c));
+          _mm256_storeu_ps(dst + hk * D + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sc));
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < W / 8; ++c) _mm256_storeu_ps(dst + 8 * c, load_half8(src + 8 * c));
+    }
   };
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(kc, j);
   const __m256 sv = _mm256_set1_ps(scale);
   for (int64_t j0 = 0; j0 < n_max; j0 += 8) {
     for (int64_t i = 0; i < 8; ++i) {  // keys past n_max: any finite row (slot of key 0); unused
       prefetch_row(kc, j0 + AHEAD + i);
-      convert_row(kc + slots[j0 + i < n_max ? j0 + i : 0] * kv_stride, kbuf + i * W);
+      const int64_t slot = slots[j0 + i < n_max ? j0 + i : 0];
+      convert_row(kc + slot * kv_stride, kv.k_scale + slot * HK, kbuf + i * W);
     }
     for (int64_t t = 0; t < T; ++t) {
       if (n_keys[t] <= j0) continue;
@@ -396,7 +434,7 @@ void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(vc, j);
   for (int64_t j = 0; j < n_max; ++j) {
     prefetch_row(vc, j + AHEAD);
-    convert_row(vc + slots[j] * kv_stride, vbuf + j * W);
+    convert_row(vc + slots[j] * kv_stride, kv.v_scale + slots[j] * HK, vbuf + j * W);
   }
   for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < H; ++h) {
@@ -414,10 +452,12 @@ void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int
 }
 
 void attend_tile(const float* q, int64_t q_stride, int64_t T, int64_t HK, int64_t G, const int64_t* n_keys,
-                 const uint16_t* kc, const uint16_t* vc, int64_t kv_stride, const int64_t* slots, int64_t D,
-                 float scale, float* kbuf, float* vbuf, float* scores, float* m, float* l, float* acc) {
-  auto run = D == 64 ? attend_tile_nv<8> : attend_tile_nv<0>;
-  run(q, q_stride, T, HK, G, n_keys, kc, vc, kv_stride, slots, D, scale, kbuf, vbuf, scores, m, l, acc);
+                 const KVRows& kv, const int64_t* slots, int64_t D, float scale, float* kbuf, float* vbuf,
+                 float* scores, float* m, float* l, float* acc) {
+  const bool i8 = kv.k_scale != nullptr;
+  auto run = D == 64 ? (i8 ? attend_tile_nv<8, true> : attend_tile_nv<8, false>)
+                     : (i8 ? attend_tile_nv<0, true> : attend_tile_nv<0, false>);
+  run(q, q_stride, T, HK, G, n_keys, kv, slots, D, scale, kbuf, vbuf, scores, m, l, acc);
 }
 
 // out (D) = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) over S splits of one head, M = max m_s.

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace miaotui {
@@ -116,6 +117,15 @@ Weight make_linear(const at::Tensor& t, int64_t qtype, int64_t cols, const char*
 }
 
 // Activation rows quantized per 32-block: codes (N, K), scales d and d * sum(codes) (N, K/32).
+// One layer's KV cache as the attention kernels read it: (num_slots, KVH, D) float16 rows, or
+// int8 rows with one fp32 scale per (slot, KV head) when k_scale / v_scale are set.
+struct KVRows {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
+};
+
 struct QuantActs {
   int64_t N = 0, K = 0;
   std::vector<int8_t> q;
@@ -278,15 +288,15 @@ struct Kernels {
   void (*rms_norm_row)(const float*, const float*, float, int64_t, float*);
   void (*silu_mul)(const float*, const float*, int64_t, float*);
   void (*rope_heads)(float*, int64_t, int64_t, const float*, const float*);
-  void (*attend_tile)(const float*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const uint16_t*,
-                      const uint16_t*, int64_t, const int64_t*, int64_t, float, float*, float*, float*, float*, float*,
-                      float*);
+  void (*attend_tile)(const float*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const KVRows&,
+                      const int64_t*, int64_t, float, float*, float*, float*, float*, float*, float*);
   void (*merge_splits)(int64_t, int64_t, const float*, const float*, const float*, int64_t, float*);
   void (*to_half)(const float*, int64_t, uint16_t*);
+  void (*quantize_kv)(const float*, int64_t, int64_t, int8_t*, float*);
 };
 
 #define MIAOTUI_KERNELS(ns) \
-  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_tile, ns::merge_splits, ns::to_half }
+  Kernels { #ns, ns::linear_rows, ns::quantize_rows, ns::rms_norm_row, ns::silu_mul, ns::rope_heads, ns::attend_tile, ns::merge_splits, ns::to_half, ns::quantize_kv }
 
 bool cpu_has_vnni() {
   __builtin_cpu_init();
@@ -467,11 +477,13 @@ class NativeModel {
   // of every block_size context positions of each sequence; logits_index: (S,) rows to return
   // logits for.
   // k_cache[l], v_cache[l]: (num_slots, KVH, D) float16 (half the bytes a long context reads
-  // per token; llama.cpp's default too). Returns (S, V) float32 logits.
+  // per token; llama.cpp's default too), or int8 with k_scale[l], v_scale[l] (num_slots, KVH, 1)
+  // float32 (a quarter; model/kv_cache.py's Int8KVCache). Returns (S, V) float32 logits.
   at::Tensor forward(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& block_table, int64_t block_size, const at::Tensor& slot_mapping,
                      const at::Tensor& logits_index, const std::vector<at::Tensor>& k_cache,
-                     const std::vector<at::Tensor>& v_cache) {
+                     const std::vector<at::Tensor>& v_cache, const std::vector<at::Tensor>& k_scale,
+                     const std::vector<at::Tensor>& v_scale) {
     const int64_t N = token_ids.numel(), nl = static_cast<int64_t>(layers_.size());
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == nl && static_cast<int64_t>(v_cache.size()) == nl,
                 "need one K and one V cache tensor per layer (", nl, ")");
@@ -496,8 +508,16 @@ class NativeModel {
     }
     for (int64_t i = 0; i < B * nbt; ++i)
       TORCH_CHECK(table[i] >= 0 && (table[i] + 1) * block_size <= num_slots, "cache block ", table[i], " out of range");
-    for (const auto& t : k_cache) check_cache(t, num_slots);
-    for (const auto& t : v_cache) check_cache(t, num_slots);
+    const bool i8 = !k_cache.empty() && k_cache[0].scalar_type() == at::kChar;
+    TORCH_CHECK(!i8 || (static_cast<int64_t>(k_scale.size()) == nl && static_cast<int64_t>(v_scale.size()) == nl),
+                "an int8 KV cache needs one K and one V scale tensor per layer");
+    for (const auto& t : k_cache) check_cache(t, num_slots, i8);
+    for (const auto& t : v_cache) check_cache(t, num_slots, i8);
+    if (i8)
+      for (const auto* ts : {&k_scale, &v_scale})
+        for (const auto& t : *ts)
+          TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == num_slots * KVH_,
+                      "KV scales must be contiguous float32 (num_slots, ", KVH_, ", 1)");
 
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd;
     x_.resize(N * C_);
@@ -512,8 +532,8 @@ class NativeModel {
     const int T = pool.size();
     for (int64_t l = 0; l < nl; ++l) {
       const Layer& Ly = layers_[l];
-      uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache[l].data_ptr<at::Half>());
-      uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache[l].data_ptr<at::Half>());
+      KVRows kv{k_cache[l].data_ptr(), v_cache[l].data_ptr()};
+      if (i8) kv = {kv.k, kv.v, k_scale[l].data_ptr<float>(), v_scale[l].data_ptr<float>()};
       // attention
       norm_rows(x_.data(), Ly.attn_norm.data_ptr<float>(), N, h_.data());
       quantize_all(pool, k_, h_.data(), N, C_, qa_);
@@ -529,10 +549,9 @@ class NativeModel {
         const float* s = sin_.data_ptr<float>() + pos[n] * D_;
         k_.rope_heads(q, H_, D_, c, s);
         k_.rope_heads(q + qd, KVH_, D_, c, s);
-        k_.to_half(q + qd, kvd, kc + wslot[n] * kvd);
-        k_.to_half(q + qd + kvd, kvd, vc + wslot[n] * kvd);
+        write_kv(kv, q + qd, wslot[n]);
       });
-      attention(pool, kc, vc, pos, seq, {table, nbt, block_size}, N);
+      attention(pool, kv, pos, seq, {table, nbt, block_size}, N);
       quantize_all(pool, k_, attn_.data(), N, qd, qa_);
       items_.clear();
       add_items(items_, Ly.wo, h_.data(), C_, nullptr, item_rows(C_, N, T));
@@ -559,10 +578,24 @@ class NativeModel {
  private:
   static const float* opt(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-  void check_cache(const at::Tensor& t, int64_t num_slots) const {
-    TORCH_CHECK(t.scalar_type() == at::kHalf && t.is_contiguous() && t.dim() == 3 && t.size(0) == num_slots &&
-                    t.size(1) == KVH_ && t.size(2) == D_,
-                "KV cache tensors must be contiguous float16 (num_slots, ", KVH_, ", ", D_, ")");
+  void check_cache(const at::Tensor& t, int64_t num_slots, bool i8) const {
+    TORCH_CHECK(t.scalar_type() == (i8 ? at::kChar : at::kHalf) && t.is_contiguous() && t.dim() == 3 &&
+                    t.size(0) == num_slots && t.size(1) == KVH_ && t.size(2) == D_,
+                "KV cache tensors must be contiguous float16 or int8 (num_slots, ", KVH_, ", ", D_, "), all alike");
+  }
+
+  // A token's K and V rows (KVH * D each, side by side at kv_new) into cache slot `slot`.
+  void write_kv(const KVRows& kv, const float* kv_new, int64_t slot) const {
+    const int64_t kvd = KVH_ * D_;
+    if (kv.k_scale == nullptr) {
+      k_.to_half(kv_new, kvd, static_cast<uint16_t*>(const_cast<void*>(kv.k)) + slot * kvd);
+      k_.to_half(kv_new + kvd, kvd, static_cast<uint16_t*>(const_cast<void*>(kv.v)) + slot * kvd);
+      return;
+    }
+    k_.quantize_kv(kv_new, KVH_, D_, static_cast<int8_t*>(const_cast<void*>(kv.k)) + slot * kvd,
+                   const_cast<float*>(kv.k_scale) + slot * KVH_);
+    k_.quantize_kv(kv_new + kvd, KVH_, D_, static_cast<int8_t*>(const_cast<void*>(kv.v)) + slot * kvd,
+                   const_cast<float*>(kv.v_scale) + slot * KVH_);
   }
 
   void norm_rows(const float* x, const float* w, int64_t N, float* y) {
@@ -585,8 +618,8 @@ class NativeModel {
     int64_t per_seq, block_size;
   };
 
-  void attention(ThreadPool& pool, const uint16_t* kc, const uint16_t* vc, const int64_t* pos, const int64_t* seq,
-                 const BlockTables& bt, int64_t N) {
+  void attention(ThreadPool& pool, const KVRows& kv, const int64_t* pos, const int64_t* seq, const BlockTables& bt,
+                 int64_t N) {
     const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, G = H_ / KVH_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
     split_base_.resize(N + 1);
@@ -624,7 +657,7 @@ class NativeModel {
       const int64_t* blocks = bt.table + seq[n0] * bt.per_seq;
       for (int64_t j = 0; j < n_keys[T - 1]; ++j)
         slots[j] = blocks[(j0 + j) / bt.block_size] * bt.block_size + (j0 + j) % bt.block_size;
-      k_.attend_tile(qkv_.data() + n0 * qkvd, qkvd, T, KVH_, G, n_keys.data(), kc, vc, kvd, slots.data(), D_, scale,
+      k_.attend_tile(qkv_.data() + n0 * qkvd, qkvd, T, KVH_, G, n_keys.data(), kv, slots.data(), D_, scale,
                      kbuf.data(), vbuf.data(), scores.data(), m.data(), l.data(), acc.data());
       for (int64_t t = 0; t < T; ++t) {
         const int64_t n = n0 + t;

@@ -46,7 +46,7 @@ class KVCache:
 
 class Int8KVCache(KVCache):
     """int8 K/V with one fp32 scale per token and head: half the bytes of bf16, a quarter of fp32.
-    Dequantized on read; |error| <= scale/2 per element."""
+    Dequantized on read; |error| <= scale/2 per element. Uninitialised but slot 0, as KVCache."""
 
     def __init__(
         self,
@@ -60,10 +60,12 @@ class Int8KVCache(KVCache):
         self.dtype = dtype
         shape = (num_slots, n_kv_heads, head_dim)
         sshape = (num_slots, n_kv_heads, 1)
-        self.k = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in range(n_layers)]
-        self.k_scale = [torch.zeros(sshape, device=device) for _ in range(n_layers)]
-        self.v_scale = [torch.zeros(sshape, device=device) for _ in range(n_layers)]
+        self.k = [torch.empty(shape, dtype=torch.int8, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=torch.int8, device=device) for _ in range(n_layers)]
+        self.k_scale = [torch.empty(sshape, device=device) for _ in range(n_layers)]
+        self.v_scale = [torch.empty(sshape, device=device) for _ in range(n_layers)]
+        for t in self.k + self.v + self.k_scale + self.v_scale:
+            t[0].zero_()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for store, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):

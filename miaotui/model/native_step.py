@@ -59,7 +59,8 @@ class NativeStepModel:
 
     def kv_spec(self) -> tuple[int, torch.dtype, torch.device]:
         """(KV heads, dtype, device) of the cache the native step reads: float16 on the CPU
-        (as llama.cpp's default; half the bytes a long context costs per decoded token)."""
+        (as llama.cpp's default; half the bytes a long context costs per decoded token). It
+        also reads an Int8KVCache (`kv_dtype="int8"`: int8 rows, one scale per head)."""
         return self.n_kv_heads, torch.float16, torch.device("cpu")
 
     def parameters(self) -> list[torch.Tensor]:
@@ -95,6 +96,8 @@ class NativeStepModel:
             logits_index.to(torch.long).contiguous(),
             cache.k,
             cache.v,
+            getattr(cache, "k_scale", []),  # an Int8KVCache: int8 rows, one scale per head
+            getattr(cache, "v_scale", []),
         )
 
     def hidden_states(

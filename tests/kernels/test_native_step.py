@@ -22,7 +22,7 @@ from miaotui.kernels.build import load_native
 from miaotui.load.gguf_file import read_gguf
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.build import build_model
-from miaotui.model.kv_cache import KVCache
+from miaotui.model.kv_cache import Int8KVCache, KVCache
 from miaotui.model.native_step import GGML_TYPES, build_native_step
 from tests.helpers import hf_model, write_gguf
 
@@ -120,14 +120,18 @@ class HalfRoundedKVCache(KVCache):
         super().write(layer, slots, k.half().float(), v.half().float())
 
 
-def step_logits(model, chunks: list[list[int]], config) -> list[torch.Tensor]:
+def step_logits(
+    model, chunks: list[list[int]], config, int8_kv: bool = False
+) -> list[torch.Tensor]:
     """Prefill chunks[0], then each further chunk as one step; block size 4 so that contexts
-    cross block boundaries; logits of every token."""
+    cross block boundaries; logits of every token. int8_kv: both models on an Int8KVCache."""
     block = 4
     total = sum(len(c) for c in chunks)
     n_blocks = total // block + 2
     kv_heads, kv_dtype, _ = model.kv_spec()
     cls = KVCache if kv_dtype == torch.float16 else HalfRoundedKVCache
+    if int8_kv:
+        cls, kv_dtype = Int8KVCache, torch.float32
     cache = cls(
         config.n_layers,
         (n_blocks + 1) * block,
@@ -188,6 +192,26 @@ def test_native_model_long_context_splits_attention(tmp_path):
     got = torch.cat(step_logits(native, chunks, ckpt.config))
     assert_close_rows(got, want)
     assert_close_rows(got[256:], want[256:])  # the rows whose context is split
+
+
+def test_native_model_int8_kv_cache_matches_float_model_on_it(tmp_path):
+    """--kv-cache-dtype int8 on the native step: the same Int8KVCache layout and rounding as the
+    float model's, read in place (prefill, decode, block boundaries)."""
+    path = write_gguf(hf_model("llama", seed=4), "llama", tmp_path / "m.gguf", "Q8_0")
+    ckpt = read_gguf(path)
+    ref = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+    fake_quant_linear_inputs(ref)
+    native = build_native_step(ckpt, threads=2, isa=ISAS[-1])
+    ids = torch.randint(
+        0, ckpt.config.vocab_size, (19,), generator=torch.Generator().manual_seed(7)
+    )
+    chunks = [ids[:9].tolist()] + [[t] for t in ids[9:].tolist()]
+    want = torch.cat(step_logits(ref, chunks, ckpt.config, int8_kv=True))
+    got = torch.cat(step_logits(native, chunks, ckpt.config, int8_kv=True))
+    assert_close_rows(got, want)
+    # the int8 cache is really read: the float16-cache logits are measurably elsewhere
+    half = torch.cat(step_logits(native, chunks, ckpt.config))
+    assert (half - got).abs().max().item() > 1e-4 * want.abs().max().item()
 
 
 def assert_close_rows(got: torch.Tensor, want: torch.Tensor) -> None:
