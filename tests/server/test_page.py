@@ -251,6 +251,26 @@ def test_translate_mode_keeps_paragraphs(app_server, browser):
     page.close()
 
 
+def test_stop_aborts_a_translation_on_the_server(app_server, browser):
+    page = open_page(browser, app_server)
+    page.select_option("#mode", "translate")
+    aborted = prometheus_values(app_server)["miaotui_request_aborted_total"]
+    ask(page, " ".join(f"Sentence number {i} is about the sea and the sky." for i in range(12)))
+    deadline = time.monotonic() + 30
+    while prometheus_values(app_server)["miaotui_num_requests_running"] < 2:
+        assert time.monotonic() < deadline and last_answer_state(page) == "streaming"
+        time.sleep(0.05)
+    page.click("#stop")
+    wait_answer(page)
+    assert last_answer_state(page) == "stopped"
+    deadline = time.monotonic() + 10
+    while (m := prometheus_values(app_server))["miaotui_num_requests_running"] > 0:
+        assert time.monotonic() < deadline, f"the server still translates: {m}"
+        time.sleep(0.1)
+    assert m["miaotui_request_aborted_total"] >= aborted + 2
+    page.close()
+
+
 # ---- model text is never markup ----------------------------------------------------------------
 
 HOSTILE = (
