@@ -11,6 +11,7 @@ Lark; a choice list is an alternation of JSON-escaped string literals in Lark.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,6 +57,18 @@ def grammar_for(spec: StructuredOutput) -> str:
 
 
 @dataclass
+class MaskStats:
+    """Running totals of the masking work (what bench/bench_structured.py reports)."""
+
+    steps: int = 0
+    rows: int = 0
+    fill_s: float = 0.0
+    """Time spent filling masks (in the mask thread, beside the forward pass)."""
+    wait_s: float = 0.0
+    """Time the sampler waited for masks and applied them (on the step's critical path)."""
+
+
+@dataclass
 class GrammarStep:
     """One step's constrained rows: their masks (being computed) and matchers."""
 
@@ -66,9 +79,16 @@ class GrammarStep:
     bitmask: torch.Tensor
     """(len(rows), ceil(V / 32)) int32, filled by `pending`."""
     pending: Future
+    stats: MaskStats
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) float32 -> a copy with every token the grammars forbid at -inf."""
+        t0 = time.perf_counter()
+        masked = self._apply(logits)
+        self.stats.wait_s += time.perf_counter() - t0
+        return masked
+
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         self.pending.result()
         vocab = logits.shape[-1]
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
@@ -98,6 +118,7 @@ class StructuredOutputs:
         self._lltok = None
         self._executor = None
         self._thread: ThreadPoolExecutor | None = None
+        self.stats = MaskStats()
 
     def matcher_for(self, params: SamplingParams):
         """A fresh matcher for the request, or None if it is unconstrained."""
@@ -122,13 +143,16 @@ class StructuredOutputs:
         bitmask = allocate_token_bitmask(len(rows), self.vocab_size)
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="miaotui-grammar")
-        pending = self._thread.submit(
-            fill_next_token_bitmask_par,
-            self._llguidance_executor(),
-            [(m, i) for i, m in enumerate(active)],
-            bitmask,
-        )
-        return GrammarStep(rows, active, bitmask, pending)
+        executor = self._llguidance_executor()
+
+        def fill() -> None:
+            t0 = time.perf_counter()
+            fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(active)], bitmask)
+            self.stats.fill_s += time.perf_counter() - t0
+
+        self.stats.steps += 1
+        self.stats.rows += len(rows)
+        return GrammarStep(rows, active, bitmask, self._thread.submit(fill), self.stats)
 
     def _llguidance_tokenizer(self):
         if self._lltok is None:
