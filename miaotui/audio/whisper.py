@@ -151,10 +151,9 @@ class SpeechRecognizer:
 
     def _load(self, name: str):
         if name not in self._models:
-            from faster_whisper import WhisperModel
-
+            faster_whisper = _import_faster_whisper()
             path = model_dir(name, self.cache_dir)
-            self._models[name] = WhisperModel(
+            self._models[name] = faster_whisper.WhisperModel(
                 str(path), device="cpu", compute_type="int8", cpu_threads=self.threads
             )
         return self._models[name]
@@ -169,14 +168,23 @@ def _check_language(name: str, language: str | None) -> str | None:
             f"{name} transcribes English only, got language {language!r}; use model 'base'",
             "language",
         )
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    if language not in _LANGUAGE_CODES:
+    if language not in _import_faster_whisper().tokenizer._LANGUAGE_CODES:
         raise InvalidRequestError(
             f"unknown language {language!r}; use an ISO-639-1 code such as 'en' or 'fr'",
             "language",
         )
     return language
+
+
+def _import_faster_whisper():
+    try:
+        import faster_whisper
+        import faster_whisper.tokenizer
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "speech recognition needs faster-whisper: pip install 'miaotui[speech]'"
+        ) from e
+    return faster_whisper
 
 
 def _segment(s) -> Segment:

@@ -121,11 +121,15 @@ def test_base_parts_are_joined_once_into_the_cache(tmp_path):
     assert joined.stat().st_mtime_ns == before  # not written again
 
 
-def test_english_only_model_refuses_another_language(speech):
+def test_bad_model_or_language_is_refused(speech):
     from miaotui.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="English only"):
         speech.transcribe(np.zeros(16000, np.float32), "tiny.en", "fr")
+    with pytest.raises(InvalidRequestError, match="unknown language 'xx'"):
+        speech.transcribe(np.zeros(16000, np.float32), "base", "xx")
+    with pytest.raises(InvalidRequestError, match="unknown speech model 'large'"):
+        speech.transcribe(np.zeros(16000, np.float32), "large")
 
 
 def test_serving_path_does_not_import_faster_whisper():
