@@ -10,6 +10,11 @@ block must be back in the pool, the running/waiting gauges 0, and RSS must have 
 after warm-up (the first 10 % of requests). The server is then stopped with SIGTERM and must
 exit 0.
 
+The started server gets a 0.1 GiB KV pool (--kv-cache-gib): the pool is allocated untouched and
+its pages join the RSS as blocks are first written (the prefix cache cycles through every
+block), which is growth up to the pool's size but no leak; a small pool is all touched during
+warm-up, so that what RSS does after it is the server's own.
+
     .venv/bin/python bench/bench_soak.py                         # 10 000 requests, default model
     .venv/bin/python bench/bench_soak.py --requests 500 --concurrency 32
     .venv/bin/python bench/bench_soak.py --url http://127.0.0.1:8000 --pid 1234   # running server
@@ -518,7 +523,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-waiting", type=int, default=256)
-    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool of the started server")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=0.1,
+        help="KV pool of the started server (small: warm-up touches all of it)",
+    )
     p.add_argument(
         "--sigterm-after",
         type=int,
