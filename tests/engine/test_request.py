@@ -49,10 +49,13 @@ class _Engine:
     ],
 )
 def test_the_server_uses_the_same_check(req, param):
+    """The same limit, in OpenAI's words and code (which litellm and LangChain match)."""
     chat = isinstance(req, ChatCompletionRequest)
+    _sampling_params(_Engine(), req, 15, chat)  # check_prompt(15, 16) passes too
     with pytest.raises(APIError) as e:
         _sampling_params(_Engine(), req, 20, chat)
-    assert (e.value.status, e.value.message, e.value.param) == (400, TOO_LONG, param)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, "context_length_exceeded")
+    assert e.value.message.startswith("This model's maximum context length is 16 tokens.")
 
 
 def test_llm_uses_the_same_check():

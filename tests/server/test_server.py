@@ -360,7 +360,7 @@ BAD = [
     ("completions", {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     ("completions", {"prompt": "hi", "seed": 2**70}, "seed"),
     ("completions", {"prompt": "hi", "stop": list("abcdefghi")}, "stop"),
-    ("completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    ("completions", {"prompt": "hi", "echo": True, "stream": True}, "echo"),
     ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("completions", {"prompt": "hi", "best_of": 1, "n": 2}, "best_of"),
     ("completions", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
