@@ -21,8 +21,9 @@ from miaotui.sampling_params import SamplingParams
 
 LANGUAGES = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese"}
 STYLES = ("auto", "chat", "few-shot")
-MAX_SENTENCES = 512
-"""One document's bound: each sentence is a request in the engine's queue."""
+MAX_SENTENCES = 200
+"""One document's bound: each sentence is a request in the engine's queue, which holds 256 by
+default (SchedulerConfig.max_waiting); longer documents go in several calls."""
 MIN_TOKENS = 16
 """Tokens a translation may take beyond twice its source's."""
 

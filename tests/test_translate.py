@@ -57,6 +57,8 @@ def test_split_keeps_paragraphs_titles_and_quotes():
 def test_empty_or_unknown_is_refused():
     with pytest.raises(InvalidRequestError, match="empty"):
         split_document(" \n\n ")
+    with pytest.raises(InvalidRequestError, match="201 sentences; at most 200"):
+        split_document("Yes. " * 201)
     with pytest.raises(InvalidRequestError, match="unknown target language 'xx'"):
         TranslationConfig("xx")
 
