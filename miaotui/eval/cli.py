@@ -72,12 +72,16 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     llm, load_s = _llm(a)
     model, tok = llm.engine.runner.model, llm.tokenizer
+    kv = type(llm.engine.runner.kv_cache)  # scored on the cache it serves with (--kv-cache-dtype)
     progress = sys.stderr.isatty()
     result: dict = {"load_s": load_s}
-    ppl = perplexity(model, tok, a.data / a.ppl_file, a.ppl_tokens, a.window, a.stride, progress)
+    ppl = perplexity(
+        model, tok, a.data / a.ppl_file, a.ppl_tokens, a.window, a.stride, progress, kv
+    )
     result["ppl"], result["nll"], result["ppl_tokens"] = ppl.perplexity, ppl.nll, ppl.num_tokens
     for task in filter(None, a.tasks.split(",")):
-        r = multiple_choice(model, tok, a.data / "tasks" / f"{task}_dev.jsonl", a.limit, progress)
+        path = a.data / "tasks" / f"{task}_dev.jsonl"
+        r = multiple_choice(model, tok, path, a.limit, progress, kv)
         result[task], result[f"{task}_stderr"] = r.accuracy, r.stderr
         result[f"{task}_norm"] = r.accuracy_norm
     if a.squad:

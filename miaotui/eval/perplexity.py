@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from miaotui.model.kv_cache import KVCache
 from miaotui.model.standalone import forward_sequences, token_logprobs
 
 
@@ -22,7 +23,12 @@ class PerplexityResult:
 
 
 def perplexity_of_ids(
-    model, ids: list[int], window: int = 512, stride: int = 256, progress: bool = False
+    model,
+    ids: list[int],
+    window: int = 512,
+    stride: int = 256,
+    progress: bool = False,
+    kv_cache: type[KVCache] = KVCache,
 ) -> PerplexityResult:
     if len(ids) < 2:
         raise ValueError("need at least two tokens to score")
@@ -32,7 +38,7 @@ def perplexity_of_ids(
     for begin in _progress(starts, progress):
         end = min(begin + window, len(ids))
         seq = ids[begin:end]
-        logp = token_logprobs(forward_sequences(model, [seq])[0], seq)  # (len-1,)
+        logp = token_logprobs(forward_sequences(model, [seq], kv_cache)[0], seq)  # (len-1,)
         new = end - max(prev_end, begin + 1)  # tokens not yet scored
         if new > 0:
             total -= float(logp[-new:].double().sum())
@@ -52,6 +58,7 @@ def perplexity(
     window: int = 512,
     stride: int = 256,
     progress: bool = False,
+    kv_cache: type[KVCache] = KVCache,
 ) -> PerplexityResult:
     """Perplexity of the first `max_tokens` tokens of a text file (read in place)."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -60,7 +67,7 @@ def perplexity(
     ids = tokenizer.encode(text, add_special=False)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    return perplexity_of_ids(model, ids, window, stride, progress)
+    return perplexity_of_ids(model, ids, window, stride, progress, kv_cache)
 
 
 def _progress(items, enabled: bool):

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from miaotui.model.kv_cache import KVCache
 from miaotui.model.standalone import forward_sequences, token_logprobs
 
 
@@ -37,7 +38,9 @@ def load_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def choice_logprob(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+def choice_logprob(
+    model, tokenizer, context: str, choices: list[str], kv_cache: type[KVCache] = KVCache
+) -> list[float]:
     """Sum of log p(choice tokens | context) for each choice, scored in one batch."""
     ctx = tokenizer.encode(context)
     seqs, spans = [], []
@@ -47,18 +50,23 @@ def choice_logprob(model, tokenizer, context: str, choices: list[str]) -> list[f
             cont = tokenizer.encode(" " + c, add_special=False)
         seqs.append(ctx + cont)
         spans.append(len(cont))
-    logits = forward_sequences(model, seqs)
+    logits = forward_sequences(model, seqs, kv_cache)
     return [float(token_logprobs(lg, s)[-n:].sum()) for lg, s, n in zip(logits, seqs, spans)]
 
 
 def multiple_choice(
-    model, tokenizer, path: Path, limit: int | None = None, progress: bool = False
+    model,
+    tokenizer,
+    path: Path,
+    limit: int | None = None,
+    progress: bool = False,
+    kv_cache: type[KVCache] = KVCache,
 ) -> AccuracyResult:
     rows = load_jsonl(path, limit)
     correct = correct_norm = 0
     for row in _progress(rows, progress, Path(path).stem):
         context = f"Question: {row['question']}\nAnswer:"
-        scores = choice_logprob(model, tokenizer, context, row["choices"])
+        scores = choice_logprob(model, tokenizer, context, row["choices"], kv_cache)
         norm = [s / max(1, len(c)) for s, c in zip(scores, row["choices"])]
         correct += int(max(range(len(scores)), key=scores.__getitem__) == row["answer"])
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == row["answer"])

@@ -14,8 +14,11 @@ BLOCK = 16
 
 
 @torch.inference_mode()
-def forward_sequences(model: Transformer, seqs: list[list[int]]) -> list[torch.Tensor]:
-    """Logits (T_i, V) float32 for every position of every sequence, computed as one batch."""
+def forward_sequences(
+    model: Transformer, seqs: list[list[int]], kv_cache: type[KVCache] = KVCache
+) -> list[torch.Tensor]:
+    """Logits (T_i, V) float32 for every position of every sequence, computed as one batch, on a
+    fresh cache of class `kv_cache` (the serving engine's: an Int8KVCache is scored as served)."""
     c = model.config
     n_kv, dtype, device = model.kv_spec()
     tables, next_block = [], 1  # block 0 is the padding block
@@ -23,7 +26,7 @@ def forward_sequences(model: Transformer, seqs: list[list[int]]) -> list[torch.T
         n = -(-len(s) // BLOCK)
         tables.append(list(range(next_block, next_block + n)))
         next_block += n
-    cache = KVCache(c.n_layers, next_block * BLOCK, n_kv, c.head_dim, dtype, device)
+    cache = kv_cache(c.n_layers, next_block * BLOCK, n_kv, c.head_dim, dtype, device)
     meta = build_attention_metadata(
         [0] * len(seqs), [len(s) for s in seqs], tables, BLOCK, c.sliding_window, device
     )

@@ -203,3 +203,16 @@ def test_extractive_qa_scores_best_reference(tmp_path):
     assert r.num_items == 3
     assert r.exact_match == pytest.approx(2 / 3)
     assert r.f1 == pytest.approx((1 + 1 + 0) / 3)
+
+
+def test_perplexity_is_scored_on_the_given_kv_cache(tiny):
+    """`miaotui eval --kv-cache-dtype int8` scores on the int8 cache it serves with: the NLL moves
+    (by little), where a flag that silently did nothing would leave it bit-identical."""
+    from miaotui.model.kv_cache import Int8KVCache
+
+    _, ours = tiny
+    ids = [(7 * i + 3) % 128 for i in range(300)]
+    plain = perplexity_of_ids(ours, ids, window=128, stride=64)
+    int8 = perplexity_of_ids(ours, ids, window=128, stride=64, kv_cache=Int8KVCache)
+    assert int8.nll != plain.nll
+    assert abs(int8.nll - plain.nll) < 1e-2 * plain.nll
