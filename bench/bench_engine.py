@@ -14,7 +14,8 @@ Figures, each ours / peer:
 - peak RSS of a process doing llama-bench's work (pp512 + tg128, 1024-token context) /
   llama-bench's; also ours with every figure above in one process (4k context, batch 16)
 - decode at a 4096-token context relative to an empty one, ours (64 tokens after a 4096-token
-  prompt) and llama-bench's (`-d 0,4096 -n 64`); the target is >= 0.8
+  prompt) and llama-bench's (`-d 0,4096 -n 64`), and ours with `--kv-cache-dtype int8`; the
+  target is >= 0.8
 - contention: decode with one busy process beside it (`--threads` default, i.e. what is free),
   relative to quiet, ours and llama-bench -t 2
 
@@ -57,7 +58,11 @@ def worker(spec: dict) -> dict:
 
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
-    llm = LLM(threads=spec.get("threads"), max_model_len=spec.get("max_model_len", 4608))
+    llm = LLM(
+        threads=spec.get("threads"),
+        max_model_len=spec.get("max_model_len", 4608),
+        kv_dtype=spec.get("kv_dtype", "auto"),
+    )
     load_s = time.perf_counter() - t1
     tok = llm.tokenizer
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -104,8 +109,11 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def ours(threads: int | None, figures: list[str], max_model_len: int = 4608) -> dict:
-    spec = json.dumps({"threads": threads, "figures": figures, "max_model_len": max_model_len})
+def ours(
+    threads: int | None, figures: list[str], max_model_len: int = 4608, kv_dtype: str = "auto"
+) -> dict:
+    spec = {"threads": threads, "figures": figures, "max_model_len": max_model_len}
+    spec = json.dumps({**spec, "kv_dtype": kv_dtype})
     p = subprocess.run(
         [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, check=False
     )
@@ -170,6 +178,7 @@ def run(repeats: int) -> dict:
         runs["llama1"].append(peers.llama_bench(gguf, 512, 128, threads=1, repetitions=2))
         runs["batched"].append(peers.llama_batched_bench(gguf, 16, 128, 128, threads=2))
     depth_peer = peers.llama_bench_depths(gguf, 64, (0, 4096), threads=2)
+    long_int8 = ours(2, ["long"], kv_dtype="int8")  # --kv-cache-dtype int8
     rss_ours = ours(
         2, ["prefill", "decode"], max_model_len=1024
     )  # llama-bench's work: pp512, tg128
@@ -201,6 +210,9 @@ def run(repeats: int) -> dict:
         "peak_rss_all_figures_mib": lowest(o2, "peak_rss_mib"),
         "decode_4k_over_empty": ratio(long.get("decode_4k_tok_s"), long.get("decode_empty_tok_s")),
         "llama_decode_4k_over_empty": ratio(depth_peer.get(4096), depth_peer.get(0)),
+        "decode_4k_over_empty_int8_kv": ratio(
+            long_int8.get("decode_4k_tok_s"), long_int8.get("decode_empty_tok_s")
+        ),
         "contention_ours_fraction": ratio(busy_ours["decode_tok_s"], quiet_ours),
         "contention_ours_threads": busy_ours["threads"],
         "contention_llama_fraction": ratio(busy_peer["decode_tok_s"], quiet_peer),
@@ -235,6 +247,7 @@ def print_table(r: dict) -> None:
         "load_to_first_token_s",
         "decode_4k_over_empty",
         "llama_decode_4k_over_empty",
+        "decode_4k_over_empty_int8_kv",
         "contention_ours_fraction",
         "contention_llama_fraction",
     ):
