@@ -25,7 +25,20 @@ ERROR_SCHEMA = {
         }
     },
 }
+ANTHROPIC_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+ANTHROPIC_ERROR_REF = {"$ref": "#/components/schemas/AnthropicError"}
 API_ERRORS = {
     "400": "Invalid request (a field is named in error.param)",
     "401": "Missing or wrong API key (when the server has one)",
@@ -36,8 +49,8 @@ API_ERRORS = {
 }
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": ERROR_REF}}}
+def _error(description: str, ref: dict[str, str] = ERROR_REF) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
 
 
 def document_errors(app: FastAPI) -> None:
@@ -48,6 +61,7 @@ def document_errors(app: FastAPI) -> None:
             doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
             doc.setdefault("components", {}).setdefault("schemas", {})
             doc["components"]["schemas"]["ErrorResponse"] = ERROR_SCHEMA
+            doc["components"]["schemas"]["AnthropicError"] = ANTHROPIC_ERROR_SCHEMA
             for schema in ("HTTPValidationError", "ValidationError"):
                 doc["components"]["schemas"].pop(schema, None)
             for path, ops in doc.get("paths", {}).items():
@@ -63,14 +77,14 @@ def _document(path: str, responses: dict[str, Any]) -> None:
     responses.pop("422", None)
     if path == "/health":
         responses["200"] = {"description": "The engine is serving (empty body)"}
-        responses["503"] = _error(API_ERRORS["503"])
+        responses["503"] = {"description": "The engine is down or the server is draining"}
     elif path == "/metrics":
         responses["200"] = {
             "description": "Prometheus metrics",
             "content": {"text/plain": {"schema": {"type": "string"}}},
         }
-    elif path.startswith("/v1"):
-        for status, description in API_ERRORS.items():
-            responses.setdefault(status, _error(description))
     else:
-        responses.setdefault("400", _error(API_ERRORS["400"]))
+        ref = ANTHROPIC_ERROR_REF if path.startswith("/v1/messages") else ERROR_REF
+        for status, description in API_ERRORS.items():
+            if status != "401" or path.startswith("/v1"):  # the API key guards /v1 only
+                responses.setdefault(status, _error(description, ref))
