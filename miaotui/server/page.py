@@ -37,13 +37,13 @@ ASSETS = {
     "audio.js": "text/javascript",
     "style.css": "text/css",
 }
-# Defense in depth beside the escaping: no inline script or handler would run even if markup
-# got in; the microphone recording is read through blob: URLs.
 PRIME = SamplingParams(max_tokens=1)
 """The request that computes the sentences' shared prompt prefix before they are submitted."""
+# Defense in depth beside the escaping: no inline script or event handler would run even if
+# markup got into the page.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "media-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 
 
