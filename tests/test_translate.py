@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 
+from miaotui import cli
 from miaotui.config import CacheConfig
 from miaotui.errors import InvalidRequestError
 from miaotui.load.open import load_tokenizer, open_checkpoint
@@ -109,7 +110,7 @@ def test_endpoint_equals_the_in_process_path(app_server, llm):
     assert r.status_code == 401
 
 
-def test_cli_keeps_paragraphs(tmp_path):
+def test_cli_keeps_paragraphs(tmp_path, capsys):
     source = tmp_path / "doc.txt"
     source.write_text(DOCUMENT)
     cmd = [sys.executable, "-m", "miaotui.cli", "translate", "--to", "fr", str(source)]
@@ -120,6 +121,7 @@ def test_cli_keeps_paragraphs(tmp_path):
     assert len(paragraphs) == 2 and all(p.strip() for p in paragraphs), out.stdout
     assert "6 sentences" in out.stderr
 
-    cmd = [sys.executable, "-m", "miaotui.cli", "translate", "--to", "xx", "hello"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert out.returncode == 2 and "--to" in out.stderr and len(out.stderr.splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["translate", "--to", "xx", "hello"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--to" in err and len(err.splitlines()) == 1, err

@@ -19,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 
+from miaotui import cli
 from miaotui.audio.wav import AudioError, read_wav
 from miaotui.audio.wer import normalize, word_error_rate
 from miaotui.audio.whisper import BASE_DISTS, SpeechRecognizer, model_dir
@@ -195,7 +196,7 @@ def test_bad_audio_gets_400_and_the_server_keeps_serving(app_server, clips):
     assert r.status_code == 401  # the API key guards it like every /v1 route
 
 
-def test_transcribe_cli(clips, tmp_path):
+def test_transcribe_cli(clips, tmp_path, capsys):
     paths = [str(p) for p, _ in clips[:2]]
     cmd = [sys.executable, "-m", "miaotui.cli", "transcribe", *paths, "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -205,7 +206,6 @@ def test_transcribe_cli(clips, tmp_path):
 
     bad = tmp_path / "bad.wav"
     bad.write_bytes(wav_bytes(np.zeros(4410, "<i2"), rate=44100))
-    cmd = [sys.executable, "-m", "miaotui.cli", "transcribe", str(bad)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 2 and "44100 Hz" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert cli.main(["transcribe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "44100 Hz" in err and len(err.strip().splitlines()) == 1, err
