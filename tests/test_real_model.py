@@ -18,7 +18,7 @@ import torch
 
 from miaotui import LLM, CacheConfig, SamplingParams
 from miaotui.model.attention import build_attention_metadata
-from miaotui.model.kv_cache import KVCache
+from miaotui.model.kv_cache import Int8KVCache, KVCache
 from miaotui.model.native_step import NativeStepModel
 from tests.helpers import SHARED, default_model_path, engine_variant, run_steps
 
@@ -169,6 +169,28 @@ def test_native_step_same_answer_alone_batched_chunked(native_llm):
             out = got.outputs[0]
             assert out.token_ids == want.token_ids, got.prompt
             assert [lp.logprob for lp in out.logprobs] == [lp.logprob for lp in want.logprobs]
+
+
+@pytest.mark.parametrize("cache_cls", [KVCache, Int8KVCache])
+def test_native_step_prefill_and_decode_same_bits_across_the_split(native_llm, cache_cls):
+    """300 tokens prefilled at once, or 250 and then 50 decode steps: the same logits bit for bit
+    on the default model, past the 256-position attention split (float16 and int8 caches)."""
+    model, c = native_llm.engine.runner.model, native_llm.engine.runner.model.config
+    ids = torch.randint(0, c.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    table = list(range(1, 21))
+
+    def fresh():
+        return cache_cls(c.n_layers, 21 * 16, c.n_kv_heads, c.head_dim, torch.float16, "cpu")
+
+    with torch.inference_mode():
+        full = model(ids, build_attention_metadata([0], [300], [table], 16), fresh())
+        cache = fresh()
+        parts = [model(ids[:250], build_attention_metadata([0], [250], [table], 16), cache)]
+        for p in range(250, 300):
+            parts.append(
+                model(ids[p : p + 1], build_attention_metadata([p], [1], [table], 16), cache)
+            )
+    assert torch.equal(full, torch.cat(parts))
 
 
 def test_chat_answers_paris(float_llm):

@@ -432,6 +432,32 @@ void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int
       if (n_keys[t] > 0) softmax_row(scores + r * KV_SPLIT, n_keys[t], m + r, l + r);
     }
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(vc, j);
+  if (T == 1) {  // decode: each head reads its V rows from the cache (L1 after its group's first
+    // head), no buffer; the same products in the same order as the buffered path below
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t hk = h / G;
+      const float* p = scores + h * KV_SPLIT;
+      __m256 o[MAX_HEAD_DIM / 8];
+      for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n_keys[0]; ++j) {
+        if (h == 0) prefetch_row(vc, j + AHEAD);
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const Elem* row = vc + slots[j] * kv_stride + hk * D;
+        if constexpr (I8) {
+          const __m256 sc = _mm256_set1_ps(kv.v_scale[slots[j] * HK + hk]);
+          for (int64_t c = 0; c < nv; ++c) {
+            const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sc);
+            o[c] = _mm256_fmadd_ps(pj, v, o[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < nv; ++c) o[c] = _mm256_fmadd_ps(pj, load_half8(row + 8 * c), o[c]);
+        }
+      }
+      for (int64_t c = 0; c < nv; ++c) _mm256_storeu_ps(acc + h * D + 8 * c, o[c]);
+    }
+    return;
+  }
   for (int64_t j = 0; j < n_max; ++j) {
     prefetch_row(vc, j + AHEAD);
     convert_row(vc + slots[j] * kv_stride, kv.v_scale + slots[j] * HK, vbuf + j * W);

@@ -265,3 +265,34 @@ def test_thread_pool_survives_a_busy_core(tmp_path):
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.parametrize("cache_cls", [KVCache, Int8KVCache])
+def test_prefill_tile_and_decode_give_the_same_bits(tmp_path, cache_cls):
+    """A token's logits are the same bits whether it is computed inside a prefill tile (several
+    query tokens per attention item, V from the tile buffer) or as a decode step (one token, V
+    read from the cache). Across the 256-position attention split on the default model:
+    tests/test_real_model.py (this tiny model's positions end at 256)."""
+    path = write_gguf(hf_model("llama", seed=8), "llama", tmp_path / "m.gguf", "Q4_1")
+    ckpt = read_gguf(path)
+    native = build_native_step(ckpt, threads=2)
+    c, n, split_at = ckpt.config, 240, 200
+    ids = torch.randint(0, c.vocab_size, (n,), generator=torch.Generator().manual_seed(9))
+    table = list(range(1, n // 4 + 2))
+
+    def fresh():
+        return cache_cls(
+            c.n_layers, (n // 4 + 2) * 4, c.n_kv_heads, c.head_dim, torch.float16, "cpu"
+        )
+
+    with torch.inference_mode():
+        full = native(ids, build_attention_metadata([0], [n], [table], 4), fresh())
+        cache = fresh()
+        parts = [
+            native(ids[:split_at], build_attention_metadata([0], [split_at], [table], 4), cache)
+        ]
+        for p in range(split_at, n):
+            parts.append(
+                native(ids[p : p + 1], build_attention_metadata([p], [1], [table], 4), cache)
+            )
+    assert torch.equal(full, torch.cat(parts))
