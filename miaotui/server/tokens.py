@@ -1,5 +1,6 @@
 """POST /tokenize and /detokenize (vLLM's shapes): text or chat messages -> token ids with the
-served model's tokenizer (and chat template), and back."""
+served model's tokenizer (and chat template), and back; GET /tokenizer_info (its special tokens
+and chat template), which lm-eval's remote tokenizer reads."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def install_tokens(app: FastAPI, engine, check_model) -> None:
             text = req.prompt
         ids = tokenizer.encode(text, add_special=req.add_special_tokens)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        info = tokenizer.info
+
+        def text(token_id: int | None) -> str | None:
+            return None if token_id is None else tokenizer.id_to_token(token_id)
+
+        return {
+            "eos_token": text(info.eos_id),
+            "bos_token": text(info.bos_id),
+            "pad_token": None,
+            "add_bos_token": info.add_bos,
+            "chat_template": info.chat_template,
+            "model_max_length": engine.max_model_len,
+            "vocab_size": tokenizer.vocab_size,
+        }
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:

@@ -140,6 +140,10 @@ def test_tokenize_detokenize(api_server, oai):
     assert r["count"] == len(r["tokens"]) == usage.prompt_tokens
     back = httpx.post(api_server + "/detokenize", json={"tokens": r["tokens"]}).json()
     assert back["prompt"] == text
+    info = httpx.get(api_server + "/tokenizer_info").json()  # what lm-eval's remote tokenizer reads
+    eos = httpx.post(api_server + "/tokenize", json={"prompt": info["eos_token"]}).json()
+    assert eos["count"] == 1 and ref_stop(oai) == eos["tokens"][0]
+    assert info["model_max_length"] == 512 and "<|im_start|>" in info["chat_template"]
     chat = httpx.post(api_server + "/tokenize", json={"messages": MESSAGES}).json()
     ref = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
     assert chat["count"] == ref.usage.prompt_tokens
@@ -151,6 +155,19 @@ def test_tokenize_detokenize(api_server, oai):
     ]:
         bad = httpx.post(api_server + path, json=body)
         assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, bad.text
+
+
+def ref_stop(oai) -> int:
+    """The token a chat answer that ends by itself ends with (its last logprob's token id)."""
+    r = oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0, logprobs=True
+    )
+    assert r.choices[0].finish_reason == "stop"
+    ids = httpx.post(
+        str(oai.base_url).removesuffix("/v1/") + "/tokenize",
+        json={"prompt": r.choices[0].logprobs.content[-1].token, "add_special_tokens": False},
+    ).json()["tokens"]
+    return ids[-1]
 
 
 # ---- embeddings -------------------------------------------------------------------------------
