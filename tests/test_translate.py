@@ -5,6 +5,7 @@ server equal to the in-process path, and `miaotui translate` keeping paragraphs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -108,6 +109,26 @@ def test_endpoint_equals_the_in_process_path(app_server, llm):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     r = httpx.post(app_server + "/v1/translate", json=body)
     assert r.status_code == 401
+
+
+def test_streamed_translation_sends_every_sentence_then_the_whole(app_server):
+    body = {"text": DOCUMENT, "target_language": "fr", "max_tokens": 24}
+    auth = {"Authorization": f"Bearer {APP_API_KEY}"}
+    whole = httpx.post(app_server + "/v1/translate", json=body, headers=auth, timeout=120)
+    events = []
+    with httpx.stream(
+        "POST", app_server + "/v1/translate", json={**body, "stream": True}, headers=auth
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+    assert events[0] == {"object": "translation.start", "paragraphs": [4, 2]}
+    sentences = {e["index"]: e["text"] for e in events[1:-1]}
+    assert len(events) == 8 and sorted(sentences) == list(range(6))
+    assert events[-1]["text"] == whole.json()["text"]
+    doc = split_document(DOCUMENT)
+    assert doc.assemble([sentences[i] for i in range(6)]) == events[-1]["text"]
 
 
 def test_cli_keeps_paragraphs(tmp_path, capsys):

@@ -164,24 +164,54 @@
     }
   }
 
+  // Translate mode: every sentence is translated at once on the server; each one is shown as
+  // it arrives, in its paragraph, the ones still running as "...".
   async function translate(el, source) {
+    const content = el.querySelector(".content");
     const stats = el.querySelector(".stats");
     el.dataset.state = "streaming";
     controller = new AbortController();
     const start = performance.now();
+    let paragraphs = []; // per paragraph, its sentences' translations (null: not yet)
+    let done = 0;
+    const show = () => {
+      content.textContent = paragraphs.map((p) => p.map((t) => t ?? "...").join(" ")).join("\n\n");
+      const seconds = (performance.now() - start) / 1000;
+      const total = paragraphs.reduce((n, p) => n + p.length, 0);
+      stats.textContent = `${done} of ${total} sentences in ${seconds.toFixed(1)} s`;
+      el.scrollIntoView({ block: "end" });
+    };
     try {
       const res = await fetch("/v1/translate", {
         method: "POST",
         headers: headers(true),
-        body: JSON.stringify({ text: source, target_language: $("target").value }),
+        body: JSON.stringify({ text: source, target_language: $("target").value, stream: true }),
         signal: controller.signal,
       });
       if (!res.ok) return showError(el, await errorText(res));
-      const out = await res.json();
-      el.querySelector(".content").textContent = out.text; // paragraphs kept (pre-wrap)
-      const seconds = (performance.now() - start) / 1000;
-      stats.textContent = `${out.sentences} sentences in ${seconds.toFixed(1)} s`;
-      el.dataset.state = "done";
+      const where = []; // sentence index -> [paragraph, position]
+      await readEvents(res, (event) => {
+        if (event.error) throw new Error(`${event.error.code || "error"}: ${event.error.message}`);
+        if (event.object === "translation.start") {
+          paragraphs = event.paragraphs.map((n) => new Array(n).fill(null));
+          paragraphs.forEach((p, i) => p.forEach((_, j) => where.push([i, j])));
+        } else if (event.object === "translation.sentence") {
+          const [i, j] = where[event.index];
+          paragraphs[i][j] = event.text;
+          done += 1;
+        } else if (event.object === "translation") {
+          content.textContent = event.text; // the server's assembly is the answer
+          el.dataset.state = "done";
+          return;
+        }
+        show();
+      });
+      if (el.dataset.state !== "done") return showError(el, "the translation stream ended early");
+      {
+        const total = paragraphs.reduce((n, p) => n + p.length, 0);
+        const seconds = (performance.now() - start) / 1000;
+        stats.textContent = `${total} sentences in ${seconds.toFixed(1)} s`;
+      }
     } catch (e) {
       if (e.name === "AbortError") el.dataset.state = "stopped";
       else showError(el, e.message);
