@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -47,33 +46,16 @@ import httpx
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+from _soak_mix import Planned, plan  # noqa: E402  (bench/_soak_mix.py: the traffic)
 from health import stop_process, wait_healthy  # noqa: E402  (bench/health.py, next to this file)
 
-WORDS = (
-    "the a of river city light machine garden winter letter music window story small quiet "
-    "bright old new green under over near far early late because while every other"
-).split()
-SHARED_PREFIXES = 4
-DISCONNECT, MALFORMED, OVER_CONTEXT = 0.10, 0.05, 0.05
 WARMUP_FRACTION = 0.10
 RSS_GROWTH_LIMIT = 0.10
 EXPECTED = ("ok", "disconnected", "malformed_400", "over_context_400", "shed_429")
 REFUSED_DRAINING = "refused_503_draining"
 """A request that arrived after SIGTERM: not accepted, so not lost."""
 GONE = "refused_after_exit"
-"""Sent after SIGTERM once the server had exited (connection refused)."""
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One request of the mix."""
-
-    kind: str
-    """"ok" (a valid request), "disconnect", "malformed" or "over_context"."""
-    path: str
-    body: dict | str
-    stream: bool
-    n: int = 1
+"""Sent after SIGTERM and never answered: the server had exited, or was closing the connection."""
 
 
 @dataclass
@@ -84,6 +66,8 @@ class Outcome:
     ttft: float | None = None
     detail: str = ""
     sent_at: float = 0.0
+    connection_lost: bool = False
+    """No HTTP answer at all (refused, reset, closed before the response)."""
 
 
 @dataclass
@@ -96,62 +80,6 @@ class Samples:
     waiting: list[tuple[float, float]] = field(default_factory=list)
     done: list[tuple[float, int]] = field(default_factory=list)
     """Requests completed by then."""
-
-
-# ---- the mix ---------------------------------------------------------------------------------
-
-
-def _words(rng: random.Random, n: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n))
-
-
-def plan(num_requests: int, max_model_len: int, seed: int) -> list[Planned]:
-    rng = random.Random(seed)
-    prefixes = [f"[group {g}] " + _words(rng, 60) for g in range(SHARED_PREFIXES)]
-    return [_one(rng, prefixes, max_model_len) for _ in range(num_requests)]
-
-
-def _one(rng: random.Random, prefixes: list[str], max_model_len: int) -> Planned:
-    chat = rng.random() < 0.5
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    roll = rng.random()
-    if roll < MALFORMED:
-        return Planned("malformed", path, _malformed(rng, chat), stream=False)
-    text = (rng.choice(prefixes) + " " if rng.random() < 0.3 else "") + _words(rng, 8)
-    if roll < MALFORMED + OVER_CONTEXT:
-        text = _words(rng, max_model_len + 16)  # more tokens than the context holds
-    body: dict = {"max_tokens": rng.randint(4, 32), "temperature": rng.choice([0.0, 0.8])}
-    body["seed"] = rng.randint(0, 1 << 30)
-    if chat:
-        body["messages"] = [{"role": "user", "content": text}]
-    else:
-        body["prompt"] = text
-    n = rng.choice([1, 1, 1, 2, 3])
-    body["n"] = n
-    if rng.random() < 0.2:
-        body["stop"] = rng.choice([["\n"], [".", "!"], " the"])
-    disconnect = MALFORMED + OVER_CONTEXT <= roll < MALFORMED + OVER_CONTEXT + DISCONNECT
-    stream = disconnect or rng.random() < 0.5
-    body["stream"] = stream
-    if disconnect:
-        body["max_tokens"] = 64  # long enough to be cut
-        body["ignore_eos"] = True
-    kind = "over_context" if roll < MALFORMED + OVER_CONTEXT else "ok"
-    return Planned("disconnect" if disconnect else kind, path, body, stream, n)
-
-
-def _malformed(rng: random.Random, chat: bool) -> dict | str:
-    base: dict = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
-    return rng.choice(
-        [
-            '{"prompt": "unterminated',
-            {**base, "max_tokens": -3},
-            {**base, "temperature": "hot"},
-            {**base, "n": 0},
-            {"max_tokens": 4},  # no prompt / messages
-            {**base, "top_p": 7},
-        ]
-    )
 
 
 # ---- one request -------------------------------------------------------------------------------
@@ -177,7 +105,9 @@ async def _send(http: httpx.AsyncClient, url: str, p: Planned, t0: float) -> Out
                 return _judge_whole(p, r, time.monotonic() - t0)
             return await _read_stream(p, r, t0)
     except httpx.HTTPError as e:
-        return Outcome(f"unexpected:{type(e).__name__}", time.monotonic() - t0, str(e)[:200])
+        lost = isinstance(e, httpx.TransportError)
+        kind, detail = f"unexpected:{type(e).__name__}", str(e)[:200]
+        return Outcome(kind, time.monotonic() - t0, detail=detail, connection_lost=lost)
 
 
 def _judge_whole(p: Planned, r: httpx.Response, latency: float) -> Outcome:
@@ -327,11 +257,11 @@ async def soak(
                     signalled.append(time.monotonic())
                     os.kill(pid, signal.SIGTERM)
                 outcome = await run_one(http, url, queue.get_nowait())
-                if signalled and outcome.sent_at >= signalled[0]:
-                    if outcome.kind == "unexpected:ConnectError":
-                        outcome.kind = GONE
-                        outcomes.append(outcome)
-                        return  # the server has exited: nothing more to send
+                if signalled and outcome.sent_at >= signalled[0] and outcome.connection_lost:
+                    # Refused, or an idle keep-alive connection closed as the server exits.
+                    outcome.kind = GONE
+                    outcomes.append(outcome)
+                    return  # the server is gone: nothing more to send
                 outcomes.append(outcome)
                 if outcome.kind == REFUSED_DRAINING:
                     await asyncio.sleep(1.0)  # as its Retry-After says
@@ -346,7 +276,9 @@ async def soak(
         before = [o for o in outcomes if o.sent_at < signalled[0]]
         result["sigterm_after"] = sigterm_after
         result["sent_before_sigterm"] = len(before)
-        result["lost_before_sigterm"] = sum(o.kind not in EXPECTED for o in before)
+        # One still on its way when the drain began is refused cleanly (503): not accepted.
+        answered = (*EXPECTED, REFUSED_DRAINING)
+        result["lost_before_sigterm"] = sum(o.kind not in answered for o in before)
         result["checks"]["no_accepted_request_lost"] = result["lost_before_sigterm"] == 0
         result["passed"] = all(result["checks"].values())
     return result, samples
