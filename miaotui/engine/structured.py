@@ -90,14 +90,18 @@ class GrammarStep:
 
     def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         self.pending.result()
-        vocab = logits.shape[-1]
-        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-        allowed = torch.from_numpy(bits[:, :vocab].astype(bool))
+        batch, vocab = logits.shape
+        bits = np.unpackbits(
+            self.bitmask.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little"
+        )
+        allowed = torch.from_numpy(bits.view(np.bool_))  # (len(rows), V), no copy
         if not bool(allowed.any(dim=1).all()):
             raise GrammarError("a grammar allows no token at all (its matcher is stuck)")
-        logits = logits.clone()
-        logits[self.rows] = logits[self.rows].masked_fill(~allowed, float("-inf"))
-        return logits
+        if len(self.rows) < batch:  # unconstrained rows keep every token
+            full = torch.ones(batch, vocab, dtype=torch.bool)
+            full[self.rows] = allowed
+            allowed = full
+        return torch.where(allowed, logits, float("-inf"))
 
     def commit(self, token_ids: list[int]) -> None:
         """Advance each matcher by its row's sampled token."""

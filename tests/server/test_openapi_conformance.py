@@ -58,7 +58,7 @@ def test_served_document_matches_behaviour(api_server):
 def _check(operation, statuses: list[int]) -> None:
     @given(case=operation.as_strategy())
     @settings(
-        max_examples=12,
+        max_examples=8,
         derandomize=True,
         deadline=None,
         database=None,
