@@ -50,6 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=0.5)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument(
+        "--speculative-method",
+        choices=["ngram"],
+        default=None,
+        help="score prompt-lookup proposals in each decode step (same output, fewer steps)",
+    )
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per step")
+    p.add_argument(
         "--transforms",
         "-t",
         default="",
@@ -95,6 +102,8 @@ def engine_config(a: argparse.Namespace, progress: bool = True, **scheduler: Any
             max_model_len=a.max_model_len,
             max_num_seqs=a.max_num_seqs,
             max_num_batched_tokens=a.max_num_batched_tokens,
+            speculative_method=a.speculative_method,
+            num_speculative_tokens=a.num_speculative_tokens,
             **scheduler,
         ),
     )

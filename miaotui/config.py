@@ -185,8 +185,23 @@ class SchedulerConfig:
     """Chunk size: most tokens one request computes in one step (None: the whole budget)."""
     max_waiting: int = 256
     """Bound on queued requests; more are refused with CapacityError (HTTP 429)."""
+    speculative_method: str | None = None
+    """"ngram": decode steps also score tokens proposed by prompt lookup (engine/speculative.py);
+    None: one token per decode step."""
+    num_speculative_tokens: int = 4
+    """Most tokens proposed per request and step."""
+    ngram_max: int = 3
+    """Longest suffix the ngram proposer matches (it tries ngram_max .. 1)."""
 
     def __post_init__(self) -> None:
+        if self.speculative_method not in (None, "ngram"):
+            raise InvalidRequestError(
+                f"speculative_method must be 'ngram' or None, got {self.speculative_method!r}",
+                "speculative_method",
+            )
+        for name in ("num_speculative_tokens", "ngram_max"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)

@@ -19,6 +19,7 @@ from miaotui.engine.request import Request, RequestStatus
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
+from miaotui.engine.speculative import propose_ngram
 from miaotui.engine.structured import StructuredOutputs
 from miaotui.errors import InvalidRequestError
 from miaotui.sampling_params import SamplingParams
@@ -116,6 +117,9 @@ class LLMEngine:
         what it raises is that step's failure (it may also sleep, to slow steps down)."""
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.num_spec_proposed = 0
+        """Proposed tokens scored (speculative decoding) and how many of them were accepted."""
+        self.num_spec_accepted = 0
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -160,6 +164,8 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.config.speculative_method is not None:
+            self._propose()
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -171,8 +177,9 @@ class LLMEngine:
         # Structured outputs' masks are computed while the forward pass runs.
         grammar = self.structured.start_step([s.request.matcher for s in states])
         logits = self.runner.execute(inp)
+        first = [0, *itertools.accumulate(inp.num_rows)][:-1]  # each request's first row
         tokens = sample(
-            logits,
+            logits if len(first) == logits.shape[0] else logits[first],
             [s.params for s in states],
             [s.request.prompt_token_ids for s in states],
             [s.request.output_token_ids for s in states],
@@ -180,14 +187,47 @@ class LLMEngine:
             grammar,
         )
         self.num_prompt_tokens += sum(self._prompt_tokens_in(s) for s in out.scheduled)
-        for st, tok in zip(states, tokens):
+        sampled = {}
+        for st, row, n, tok in zip(states, first, inp.num_rows, tokens):
+            seq = self._verify(st, logits[row : row + n], tok) if n > 1 else [tok]
             if st.params.logprobs is not None:
-                st.produced.logprobs.append(tok)
-        updated = self.scheduler.update_from_output(
-            out, {rid: t.token_id for rid, t in zip(inp.sample_ids, tokens)}
-        )
-        self.num_generation_tokens += len(updated)
+                st.produced.logprobs.extend(seq)
+            sampled[st.request.request_id] = [t.token_id for t in seq]
+            self.num_spec_proposed += n - 1
+            self.num_spec_accepted += len(seq) - 1
+        updated = self.scheduler.update_from_output(out, sampled)
+        self.num_generation_tokens += sum(len(v) for v in sampled.values())
         return [self._output(self.states[r.request_id]) for r in updated]
+
+    def _propose(self) -> None:
+        """Prompt-lookup proposals for the running requests about to decode (engine/speculative.py;
+        none under a structured-output constraint, whose mask is per known prefix)."""
+        k, n_max = self.config.num_speculative_tokens, self.config.ngram_max
+        for req in self.scheduler.running:
+            if req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            if req.spec.ready():
+                req.spec_token_ids = propose_ngram(req.all_token_ids, k, n_max)
+
+    def _verify(
+        self, st: _RequestState, rows: torch.Tensor, first: SampledToken
+    ) -> list[SampledToken]:
+        """Tokens a request keeps from a step that scored its proposals: row i's logits follow
+        proposal i - 1; each row is sampled with the request's own sampler and generator, in
+        order, while the token sampled equals the proposal (engine/speculative.py: exact for
+        greedy and for seeded sampling). Returns the accepted proposals + the next token."""
+        req = st.request
+        proposed = req.spec_token_ids
+        seq = [first]
+        for i in range(1, rows.shape[0]):
+            if seq[-1].token_id != proposed[i - 1] or seq[-1].token_id in req.eos_token_ids:
+                break
+            history = req.output_token_ids + [t.token_id for t in seq]
+            tok = sample(
+                rows[i : i + 1], [st.params], [req.prompt_token_ids], [history], [st.generator]
+            )
+            seq.append(tok[0])
+        return seq
 
     def _prompt_tokens_in(self, s) -> int:
         num_prompt = len(self.states[s.request_id].request.prompt_token_ids)
@@ -199,10 +239,9 @@ class LLMEngine:
         if st.first_token_time is None:
             st.first_token_time = now
         new_tokens = req.output_token_ids[st.emitted_tokens :]
-        st.emitted_tokens = req.num_output_tokens
         delta = ""
         stopped = False
-        for t in new_tokens:
+        for i, t in enumerate(new_tokens):
             if t in req.eos_token_ids and req.status == RequestStatus.FINISHED_STOPPED:
                 continue
             piece, stopped = st.stops.feed(st.detok.add(t))
@@ -211,7 +250,12 @@ class LLMEngine:
                 self.scheduler.finish_request(
                     req.request_id, RequestStatus.FINISHED_STOPPED, "stop_string"
                 )
+                # tokens a step accepted past the stop (speculation) never happened
+                del req.output_token_ids[st.emitted_tokens + i + 1 :]
+                del st.produced.logprobs[st.emitted_logprobs + i + 1 :]
+                new_tokens = new_tokens[: i + 1]
                 break
+        st.emitted_tokens = req.num_output_tokens
         if req.is_finished and not stopped:
             delta += st.stops.flush()
         produced = st.produced

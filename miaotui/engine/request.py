@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from miaotui.engine.speculative import SpecState
 from miaotui.errors import InvalidRequestError
 
 
@@ -93,6 +94,10 @@ class Request:
     """The eos token id or stop string that finished the request, if any."""
     matcher: Any = None
     """The llguidance matcher of a structured output (engine/structured.py), None if free."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Tokens proposed for the next decode step (engine/speculative.py); scored, not yet known."""
+    spec: SpecState = field(default_factory=SpecState)
+    """The proposer's per-request state (back-off, acceptance counts)."""
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

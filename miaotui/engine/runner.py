@@ -25,9 +25,12 @@ class ModelInput:
     """(N,) packed new tokens of all scheduled requests."""
     meta: AttentionMetadata
     logits_index: torch.Tensor
-    """(S,) rows of the packed batch whose logits are sampled."""
+    """(S,) rows of the packed batch whose logits are sampled: each sampling request's last
+    1 + num_spec rows (its proposed tokens are scored in the same pass)."""
     sample_ids: list[str]
-    """Request ids of those rows, in order."""
+    """Request ids of the sampling requests, in order."""
+    num_rows: list[int]
+    """Logits rows of each of them (1 + its proposed tokens), consecutive in that order."""
 
 
 def num_cache_blocks(model: Transformer, cache: CacheConfig, dtype: torch.dtype) -> int:
@@ -86,13 +89,18 @@ class ModelRunner:
             self.model.config.sliding_window,
             self.device,
         )
-        ends = torch.tensor([len(s.token_ids) for s in scheduled]).cumsum(0) - 1
-        rows = [i for i, s in enumerate(scheduled) if s.sample]
+        rows, end = [], 0
+        for s in scheduled:
+            end += len(s.token_ids)
+            if s.sample:
+                rows.extend(range(end - 1 - s.num_spec, end))
+        sampling = [s for s in scheduled if s.sample]
         return ModelInput(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             meta=meta,
-            logits_index=ends[rows].to(self.device),
-            sample_ids=[scheduled[i].request_id for i in rows],
+            logits_index=torch.tensor(rows, dtype=torch.long, device=self.device),
+            sample_ids=[s.request_id for s in sampling],
+            num_rows=[1 + s.num_spec for s in sampling],
         )
 
     @torch.inference_mode()

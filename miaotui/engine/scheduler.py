@@ -52,6 +52,8 @@ class NewRequest(ScheduledRequest):
 
     block_ids: list[int]
     """The request's whole block table (a copy)."""
+    num_spec: int = 0
+    """Always 0: a request speculates only once it runs (see CachedRequest.num_spec)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class CachedRequest(ScheduledRequest):
     new_block_ids: list[int]
     """Blocks appended to the request's table this step (usually none, one per block_size
     decoded tokens)."""
+    num_spec: int = 0
+    """The last num_spec of token_ids are proposed (speculative) tokens: logits are needed for
+    all 1 + num_spec last rows, and only the accepted ones become known tokens."""
 
 
 @dataclass(frozen=True)
@@ -168,33 +173,52 @@ class Scheduler:
         return SchedulerOutput(cached, new, freed_ids)
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]
     ) -> list[Request]:
         """Record a finished step: advance computed tokens, cache full blocks, append sampled
-        tokens, finish requests on eos / max_tokens / max_model_len. Returns the requests that
-        got a new token (finished ones included, with their final status)."""
+        tokens, finish requests on eos / max_tokens / max_model_len. A request that scored k
+        proposed tokens gets the a <= k it accepted plus the one sampled after them (a + 1
+        tokens): the KV of the accepted ones is computed, that of the rejected ones is garbage
+        beyond num_computed_tokens, overwritten when those positions are computed. Returns the
+        requests that got new tokens (finished ones included, with their final status)."""
         updated = []
         for item in output.scheduled:
             request = self.requests.get(item.request_id)
             if request is None:  # aborted or finished between schedule() and now
                 continue
             assert request.num_computed_tokens == item.start_pos, item.request_id
-            request.num_computed_tokens += len(item.token_ids)
-            self.block_pool.cache_full_blocks(request)
+            request.num_computed_tokens += len(item.token_ids) - item.num_spec
+            request.spec_token_ids = []
             if not item.sample:
+                self.block_pool.cache_full_blocks(request)
                 continue
-            token = sampled_token_ids[item.request_id]
-            request.output_token_ids.append(token)
+            tokens = sampled_token_ids[item.request_id]
+            if item.num_spec:
+                request.spec.record(item.num_spec, len(tokens) - 1)
             updated.append(request)
-            if token in request.eos_token_ids:
-                request.stop_reason = token
-                self._finish(request, RequestStatus.FINISHED_STOPPED)
-            elif (
-                request.num_output_tokens >= request.max_tokens
-                or request.num_tokens >= self.config.max_model_len
-            ):
-                self._finish(request, RequestStatus.FINISHED_LENGTH)
+            status = None
+            for i, token in enumerate(tokens):
+                request.output_token_ids.append(token)
+                request.num_computed_tokens += i > 0  # an accepted proposal: its KV is in
+                status = self._finish_status(request, token)
+                if status is not None:
+                    break
+            self.block_pool.cache_full_blocks(request)
+            if status is not None:
+                self._finish(request, status)
         return updated
+
+    def _finish_status(self, request: Request, token: int) -> RequestStatus | None:
+        """How `token`, just appended, ends the request (None: it goes on)."""
+        if token in request.eos_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if (
+            request.num_output_tokens >= request.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -205,8 +229,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
+            spec = self._spec_tokens(request, num_new, budget)
             num_blocks = len(request.block_ids)
-            while not self.block_pool.append_slots(request, num_new):
+            while not self.block_pool.append_slots(request, num_new + len(spec)):
                 victim = self.running.pop()  # the most recently arrived; index >= i
                 self._preempt(victim)
                 if victim is request:
@@ -215,13 +240,14 @@ class Scheduler:
             scheduled.append(
                 CachedRequest(
                     request.request_id,
-                    request.token_slice(start, start + num_new),
+                    request.token_slice(start, start + num_new) + spec,
                     start,
                     start + num_new == request.num_tokens,
                     request.block_ids[num_blocks:],
+                    len(spec),
                 )
             )
-            budget -= num_new
+            budget -= num_new + len(spec)
             i += 1
         return budget
 
@@ -247,6 +273,19 @@ class Scheduler:
             )
             budget -= num_new
         return budget
+
+    def _spec_tokens(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """The request's proposed tokens that fit this step: only on a decode (its one missing
+        token scheduled), within the budget, and no further than max_tokens or the context
+        could use (the token sampled after the last accepted one counts too)."""
+        if not request.spec_token_ids or request.num_tokens - request.num_computed_tokens != 1:
+            return []
+        room = min(
+            budget - num_new,
+            request.max_tokens - request.num_output_tokens - 1,
+            self.config.max_model_len - request.num_tokens - 1,
+        )
+        return request.spec_token_ids[: max(0, room)]
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         missing = request.num_tokens - request.num_computed_tokens

@@ -96,6 +96,10 @@ class PipelineInput:
     def sample_ids(self) -> list[str]:
         return [rid for m in self.micro for rid in m.sample_ids]
 
+    @property
+    def num_rows(self) -> list[int]:
+        return [n for m in self.micro for n in m.num_rows]
+
 
 def split_micro_batches(
     scheduled: list[ScheduledRequest], num: int

@@ -34,7 +34,8 @@ def step(sched: Scheduler, runner: ModelRunner) -> SchedulerOutput:
     out = sched.schedule()
     inp = runner.prepare(out)
     logits = runner.execute(inp)
-    sched.update_from_output(out, dict(zip(inp.sample_ids, logits.argmax(-1).tolist())))
+    sampled = {rid: [t] for rid, t in zip(inp.sample_ids, logits.argmax(-1).tolist())}
+    sched.update_from_output(out, sampled)
     for r in sched.running:  # every running request's table is the scheduler's, block for block
         assert runner.block_tables.get(r.request_id, []) == r.block_ids, r.request_id
     return out

@@ -45,7 +45,7 @@ class FakeRunner:
     def _slot(self, block_ids: list[int], pos: int) -> tuple[int, int]:
         return block_ids[pos // self.bs], pos % self.bs
 
-    def step(self, out: SchedulerOutput) -> dict[str, int]:
+    def step(self, out: SchedulerOutput) -> dict[str, list[int]]:
         for rid in out.freed_ids:
             self.tables.pop(rid, None)
         for s in out.new:
@@ -63,7 +63,7 @@ class FakeRunner:
                 end = s.start_pos + len(s.token_ids)
                 table = self.tables[s.request_id]
                 context = [self.kv[b][o] for b, o in (self._slot(table, p) for p in range(end))]
-                sampled[s.request_id] = next_token(context)
+                sampled[s.request_id] = [next_token(context)]
         return sampled
 
 

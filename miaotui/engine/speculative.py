@@ -1,0 +1,72 @@
+"""Speculative decoding: propose a few tokens, score them in the same forward pass, keep the
+longest prefix the model agrees with.
+
+On a CPU a decode step is bound by reading the weights once, so scoring k proposed tokens as
+extra query tokens of the step costs little more than one. The proposer here is prompt lookup
+(`ngram`, no second model): the last n tokens (n = ngram_max .. 1) are matched against the
+request's earlier tokens, prompt and output alike, and the tokens that followed the latest match
+are proposed. Text that copies its context (extractive answers, edits, code) accepts long runs.
+
+Verification (engine.LLMEngine._verify) samples each scored row in order with the request's own
+sampler and generator and stops at the first row whose token differs from the proposal. A
+proposal is deterministic (a point mass q), so "sample from p, accept while it equals the draft"
+is exactly rejection sampling (accept d with probability p(d), on rejection draw from p
+restricted to x != d): greedy and seeded sampled output are token-for-token what they are
+without speculation, with the same random draws consumed in the same order.
+
+A request whose proposals keep failing backs off: after m proposals in a row with nothing
+accepted it skips 2^m steps (at most MAX_BACKOFF), so low-acceptance text pays almost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_BACKOFF = 16
+
+
+@dataclass
+class SpecState:
+    """Per-request proposer state (lives on the Request)."""
+
+    misses: int = 0
+    """Proposals in a row with no token accepted."""
+    skip: int = 0
+    """Steps left before proposing again."""
+    proposed: int = 0
+    accepted: int = 0
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.proposed += num_proposed
+        self.accepted += num_accepted
+        if num_accepted > 0:
+            self.misses = 0
+            return
+        self.misses += 1
+        self.skip = min(MAX_BACKOFF, 2**self.misses)
+
+    def ready(self) -> bool:
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+
+def propose_ngram(tokens: list[int], k: int, ngram_max: int = 3, ngram_min: int = 1) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix
+    (ngram_max .. ngram_min tokens) of `tokens`; [] when no suffix occurs earlier.
+
+    Searched in the reversed list, where the suffix is a prefix and list.index runs in C: a
+    match starting at j (j >= 1) in `rev` is followed, in reading order, by rev[j-1], rev[j-2], ..
+    """
+    rev = tokens[::-1]
+    for n in range(min(ngram_max, len(tokens) - 1), ngram_min - 1, -1):
+        head, j = rev[:n], 0
+        while True:
+            try:
+                j = rev.index(head[0], j + 1)
+            except ValueError:
+                break
+            if rev[j : j + n] == head:
+                return rev[max(0, j - k) : j][::-1]
+    return []
