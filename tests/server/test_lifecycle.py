@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,8 +115,9 @@ def completion(url: str, prompt, max_tokens: int, timeout: float = 60, **kw) -> 
 
 
 def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_llm):
-    """2 running + 2 waiting fit; a burst of 24 gets 429 + Retry-After for the rest, each in
-    well under a step-bound wait, and every accepted request returns all its tokens."""
+    """2 running + 2 waiting fit; a burst of 24 gets 429 + Retry-After for the rest, each
+    sooner than a typical accepted request's answer (12 steps), and every accepted request
+    returns all its tokens."""
     with served(tiny_llm, slow_steps(0.03), max_num_seqs=2, max_waiting=2) as (url, engine):
         timed: list[tuple[float, httpx.Response]] = []
 
@@ -130,7 +132,8 @@ def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_ll
         assert set(codes) == {200, 429}, codes
         ok = [r for _, r in timed if r.status_code == 200]
         shed = [(t, r) for t, r in timed if r.status_code == 429]
-        assert len(ok) >= 4, codes  # at least what fits at once
+        t_ok = [t for t, r in timed if r.status_code == 200]
+        assert len(ok) >= 2, codes  # at least what fits the queue (more as the first ones run)
         for r in ok:
             assert r.json()["usage"]["completion_tokens"] == 12
             assert r.json()["choices"][0]["finish_reason"] == "length"
@@ -138,7 +141,7 @@ def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_ll
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
             assert "max_waiting=2" in r.json()["error"]["message"]
-            assert t < 2.0, f"a 429 took {t:.2f} s"
+            assert t < statistics.median(t_ok), f"a 429 took {t:.2f} s, {t_ok}"
         assert metrics(url)["miaotui_request_rejected_total"] == len(shed)
         # The official client sees the same: RateLimitError, nothing retried behind our back.
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
@@ -147,9 +150,9 @@ def test_burst_beyond_the_queue_gets_429_at_once_and_the_accepted_finish(tiny_ll
 
 
 def test_429_does_not_wait_for_the_step(tiny_llm):
-    """Half-second steps, one running and one waiting (max_waiting=1): each further request is
-    refused in a fraction of a step, not at the next step boundary."""
-    with served(tiny_llm, slow_steps(0.5), max_num_seqs=1, max_waiting=1) as (url, engine):
+    """0.8 s steps, one running and one waiting (max_waiting=1): each further request is
+    refused in half a step, not at the next step boundary."""
+    with served(tiny_llm, slow_steps(0.8), max_num_seqs=1, max_waiting=1) as (url, engine):
         body = {"prompt": "slow", "max_tokens": 50, "ignore_eos": True, "stream": True}
         with (
             httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as running,
@@ -162,7 +165,7 @@ def test_429_does_not_wait_for_the_step(tiny_llm):
             for _ in range(5):
                 t0 = time.monotonic()
                 r = completion(url, "refused", 2)
-                assert r.status_code == 429 and time.monotonic() - t0 < 0.25
+                assert r.status_code == 429 and time.monotonic() - t0 < 0.4
             del lines
             assert waiting.result().status_code == 200
         assert_all_blocks_free(url, engine)
@@ -377,19 +380,19 @@ def stream_events(url: str, body: dict, started: threading.Event, out: list) -> 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_then_exits_0(sig):
-    """In flight at the signal: a short stream (finishes inside the 3 s drain window) and a long
-    one (cannot: aborted with a final SSE error event). Meanwhile new requests get 503 and
-    /health says draining; then the process exits 0 on its own."""
-    args = ("--threads", "1", "--max-model-len", "512", "--shutdown-timeout", "3")
+    """In flight at the signal: a short stream (finishes inside the 6 s drain window even on a
+    busy machine) and a long one (cannot: 480 tokens, aborted with a final SSE error event).
+    Meanwhile new requests get 503 and /health says draining; then the process exits 0."""
+    args = ("--threads", "1", "--max-model-len", "512", "--shutdown-timeout", "6")
     with serve_process(*args) as (url, proc, log):
-        short_body = {"prompt": "One two", "max_tokens": 24, "ignore_eos": True, "stream": True}
+        short_body = {"prompt": "One two", "max_tokens": 16, "ignore_eos": True, "stream": True}
         long_body = {**short_body, "prompt": "Once upon a time", "max_tokens": 480}
         short, long_, threads = [], [], []
         for body, out in ((long_body, long_), (short_body, short)):
             started = threading.Event()
             threads.append(threading.Thread(target=stream_events, args=(url, body, started, out)))
             threads[-1].start()
-            assert started.wait(60)
+            assert started.wait(120), out
         proc.send_signal(sig)
         t0 = time.monotonic()
 
@@ -418,9 +421,9 @@ def test_signal_drains_then_exits_0(sig):
     assert status == 200 and events[-1] == "[DONE]"
     final = json.loads(events[-2])
     assert final["error"]["type"] == "server_error"
-    assert "3 s drain window" in final["error"]["message"]
+    assert "6 s drain window" in final["error"]["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
-    assert 3 <= elapsed < 20, elapsed
+    assert 6 <= elapsed < 40, elapsed
     output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
     assert "miaotui: stopped" in output
