@@ -1,9 +1,9 @@
 """The server's own forward passes beside the engine's: final hidden states (embeddings) and
 prompt log-probabilities (`echo` with `logprobs` on completions, what lm-eval's log-likelihood
-tasks read). They need a `Transformer`: the engine's own (with a KV cache of its own here) when it
-serves packed or float weights; the native step returns only sampled logits, so then a float
-build of the same checkpoint is loaded on first use. Passes run one at a time in a worker
-thread (callers use asyncio.to_thread), so the event loop and the engine's step loop go on."""
+tasks read). They need a `Transformer` with all hidden states (the native step returns only
+sampled logits): a float build of the served checkpoint, loaded on first use, with a KV cache of
+its own. Passes run one at a time in a worker thread (callers use asyncio.to_thread), so the
+event loop and the engine's step loop go on."""
 
 from __future__ import annotations
 
@@ -24,20 +24,22 @@ class ServerForward:
         self._lock = threading.Lock()
 
     def model(self):
+        """A float build of the served checkpoint, loaded on first use (a module of its own:
+        the engine's step thread never shares it); without a path, the engine's own model when
+        it is a `Transformer` (in-process apps)."""
         if self._model is None:
             from miaotui.model.transformer import Transformer
 
-            runner_model = self.engine.engine.runner.model
-            if isinstance(runner_model, Transformer):
-                self._model = runner_model
-            elif self.model_path is None:
-                raise APIError(400, "this server was started without its model's path", "model")
-            else:
+            if self.model_path is not None:
                 from miaotui.load.open import open_checkpoint
                 from miaotui.model.build import build_model
 
                 ckpt = open_checkpoint(self.model_path)
                 self._model = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+            elif isinstance(self.engine.engine.runner.model, Transformer):
+                self._model = self.engine.engine.runner.model
+            else:
+                raise APIError(400, "this server was started without its model's path", "model")
         return self._model
 
     @torch.inference_mode()
