@@ -369,6 +369,9 @@ class AsyncEngine:
         _sync_counter(m.prefix_queries, e.block_pool.prefix_queries)
         _sync_counter(m.prefix_hits, e.block_pool.prefix_hits)
         _sync_counter(m.preemptions, e.scheduler.num_preemptions)
+        _sync_counter(m.spec_draft_tokens, e.num_spec_proposed)
+        _sync_counter(m.spec_accepted_tokens, e.num_spec_accepted)
+        _sync_counter(m.spec_propose_seconds, e.spec_propose_seconds)
 
 
 def _abort_output(rid: str, stream: _Stream, request) -> RequestOutput:

@@ -120,6 +120,7 @@ class LLMEngine:
         self.num_spec_proposed = 0
         """Proposed tokens scored (speculative decoding) and how many of them were accepted."""
         self.num_spec_accepted = 0
+        self.spec_propose_seconds = 0.0
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -165,7 +166,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         if self.config.speculative_method is not None:
+            t0 = time.perf_counter()
             self._propose()
+            self.spec_propose_seconds += time.perf_counter() - t0
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []

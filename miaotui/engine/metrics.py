@@ -47,6 +47,15 @@ class EngineMetrics:
             "miaotui_engine_step_failures", "Steps that raised (their requests were aborted)"
         )
         self.preemptions = counter("miaotui_num_preemptions", "Requests preempted")
+        self.spec_draft_tokens = counter(
+            "miaotui_spec_decode_num_draft_tokens", "Proposed tokens scored (speculative decoding)"
+        )
+        self.spec_accepted_tokens = counter(
+            "miaotui_spec_decode_num_accepted_tokens", "Proposed tokens accepted"
+        )
+        self.spec_propose_seconds = counter(
+            "miaotui_spec_decode_propose_seconds", "Time spent proposing tokens"
+        )
         self.ttft = histogram("miaotui_time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("miaotui_inter_token_latency_seconds", "Time between output tokens")
         self.e2e = histogram("miaotui_e2e_request_latency_seconds", "Request latency end to end")

@@ -262,3 +262,24 @@ def test_shutdown_fails_pending_consumers(tiny, monkeypatch):
         eng.abort("s")  # cleanup paths may still abort: never raises
 
     asyncio.run(main())
+
+
+def test_speculation_counters_reach_metrics(tiny):
+    """/metrics counts scored proposals and accepted ones: a repeating prompt on a tiny model
+    proposes from its own earlier tokens; the counters equal the engine's totals."""
+    eng = make_engine(tiny, speculative_method="ngram")
+    try:
+        asyncio.run(collect(eng, [5, 6, 7, 8] * 8, greedy(24), "spec"))
+        wait_all_free(eng)
+        e, text = eng.engine, eng.metrics.render().decode()
+        assert e.num_spec_proposed > 0
+        assert (
+            f'miaotui_spec_decode_num_draft_tokens_total{{model_name="tiny"}} {float(e.num_spec_proposed)}'
+            in text
+        )
+        assert (
+            f'miaotui_spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(e.num_spec_accepted)}'
+            in text
+        )
+    finally:
+        eng.shutdown()
