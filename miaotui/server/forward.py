@@ -18,28 +18,27 @@ BLOCK = 16
 
 
 class ServerForward:
-    def __init__(self, engine, model_path: str | None):
-        self.engine, self.model_path = engine, model_path
+    def __init__(self, model_path: str | None):
+        self.model_path = model_path
         self._model = None
         self._lock = threading.Lock()
 
     def model(self):
-        """A float build of the served checkpoint, loaded on first use (a module of its own:
-        the engine's step thread never shares it); without a path, the engine's own model when
-        it is a `Transformer` (in-process apps)."""
+        """A float build of the served checkpoint, loaded on first use: a module of its own,
+        never the one the step thread runs (which may be the native step, or a tensor-parallel
+        shard)."""
         if self._model is None:
-            from miaotui.model.transformer import Transformer
+            if self.model_path is None:
+                raise APIError(
+                    400,
+                    "embeddings and prompt logprobs need the served checkpoint's path, which this "
+                    "server was not given (ServerConfig.model_path)",
+                )
+            from miaotui.load.open import open_checkpoint
+            from miaotui.model.build import build_model
 
-            if self.model_path is not None:
-                from miaotui.load.open import open_checkpoint
-                from miaotui.model.build import build_model
-
-                ckpt = open_checkpoint(self.model_path)
-                self._model = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
-            elif isinstance(self.engine.engine.runner.model, Transformer):
-                self._model = self.engine.engine.runner.model
-            else:
-                raise APIError(400, "this server was started without its model's path", "model")
+            ckpt = open_checkpoint(self.model_path)
+            self._model = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
         return self._model
 
     @torch.inference_mode()

@@ -92,7 +92,7 @@ def create_app(engine, config: ServerConfig) -> FastAPI:
     install_lifecycle(app, engine)  # outermost: drain, dead engine and /health (lifecycle.py)
     _add_error_handlers(app)
     document_errors(app)
-    forward = ServerForward(engine, config.model_path)  # embeddings, prompt logprobs
+    forward = ServerForward(config.model_path)  # embeddings, prompt logprobs
 
     @app.get("/health")
     async def health() -> Response:
