@@ -164,3 +164,65 @@ def test_bad_tool_requests_are_400(api_server, extra, param):
     r = httpx.post(api_server + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.text
+
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}"
+    "</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_reads_tools_renders_them_as_transformers_does():
+    """With a chat template that reads `tools`, the prompt is the template's own rendering of
+    the tools and of the history's calls: the same text transformers' apply_chat_template
+    makes from the same template, tools and messages."""
+    from dataclasses import replace
+
+    from transformers import PreTrainedTokenizerFast
+
+    from miaotui.server.openai import chat_prompt
+    from miaotui.server.protocol import ChatCompletionRequest
+    from miaotui.tokenizer import TextTokenizer
+    from tests.helpers import byte_tokenizer
+
+    base = byte_tokenizer()
+    tok = TextTokenizer(base.tok, replace(base.info, chat_template=TOOL_TEMPLATE))
+    args = {"city": "Paris", "unit": "celsius"}
+    history = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(args)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+    ]
+    req = ChatCompletionRequest(messages=history, tools=TOOLS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=base.tok, chat_template=TOOL_TEMPLATE)
+    hf_history = [
+        {
+            **m,
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": args}}
+            ],
+        }
+        if m.get("tool_calls")
+        else {**m, "content": m["content"] or ""}
+        for m in history
+    ]
+    want = hf.apply_chat_template(
+        hf_history, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    got = chat_prompt(tok, req)
+    assert got == want
+    assert "get_time" in got and '"arguments": {"city": "Paris"' in got
