@@ -381,12 +381,12 @@ def stream_events(url: str, body: dict, started: threading.Event, out: list) -> 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_then_exits_0(sig):
     """In flight at the signal: a short stream (finishes inside the 6 s drain window even on a
-    busy machine) and a long one (cannot: 480 tokens, aborted with a final SSE error event).
+    busy machine) and a long one (cannot: 2000 tokens, aborted with a final SSE error event).
     Meanwhile new requests get 503 and /health says draining; then the process exits 0."""
-    args = ("--threads", "1", "--max-model-len", "512", "--shutdown-timeout", "6")
+    args = ("--threads", "1", "--max-model-len", "2048", "--shutdown-timeout", "6")
     with serve_process(*args) as (url, proc, log):
         short_body = {"prompt": "One two", "max_tokens": 16, "ignore_eos": True, "stream": True}
-        long_body = {**short_body, "prompt": "Once upon a time", "max_tokens": 480}
+        long_body = {**short_body, "prompt": "Once upon a time", "max_tokens": 2000}
         short, long_, threads = [], [], []
         for body, out in ((long_body, long_), (short_body, short)):
             started = threading.Event()
