@@ -176,9 +176,9 @@ def test_token_budget_sheds_by_cost(tiny_llm):
     40 new) may wait, the third gets 429 naming the budget; the waiting ones then finish."""
     prompt = list(range(1000, 1010))  # 10 token ids
     with served(
-        tiny_llm, slow_steps(0.02), max_waiting_tokens=100, max_num_seqs=1, max_waiting=50
-    ) as (url, engine):
-        body = {"prompt": "long", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        tiny_llm, slow_steps(0.03), max_waiting_tokens=100, max_num_seqs=1, max_waiting=50
+    ) as (url, engine):  # the running request takes > 7 s: it holds the queue while we look
+        body = {"prompt": "long", "max_tokens": 240, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as running:
             lines = running.iter_lines()
             next(lines)  # it runs
