@@ -43,6 +43,7 @@ LLAMA_TOOLS = (
     "llama-bench",
     "llama-batched-bench",
     "llama-perplexity",
+    "llama-lookup",
     "llama-server",
     "llama-cli",
     "llama-simple",
@@ -225,6 +226,33 @@ def llama_bench_depths(
     cmd += ["-d", ",".join(str(d) for d in depths), "-r", repetitions, "-o", "json"]
     rows = json.loads(_run(cmd, threads, timeout=1800).stdout)
     return {r["n_depth"]: round(r["avg_ts"], 2) for r in rows if r["n_gen"] > 0}
+
+
+def llama_lookup(
+    prompt: str, n_gen: int = 96, gguf_path: str | Path | None = None, threads: int = 2
+) -> dict:
+    """`llama-lookup`: llama.cpp's prompt-lookup speculative decoding, greedy, on a raw prompt.
+    Returns decode tokens/s and its acceptance rate, as the tool prints them."""
+    require_peer("llama-lookup")
+    gguf = _gguf(gguf_path)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as f:
+        f.write(prompt)
+        f.flush()
+        cmd = [tool_path("llama-lookup"), "-m", gguf, "-f", f.name, "-n", n_gen, "-t", threads]
+        out = _run([*cmd, "--temp", 0, "-c", 4096], threads, timeout=600)
+    text = out.stdout + out.stderr
+    decoded = re.search(
+        r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", text
+    )
+    accept = re.search(r"accept\s+=\s+([\d.]+)%", text)
+    if decoded is None:
+        raise RuntimeError(f"llama-lookup printed no decode speed:\n{text[-2000:]}")
+    return {
+        "peer": "llama.cpp llama-lookup",
+        "tokens": int(decoded.group(1)),
+        "decode_tok_s": float(decoded.group(3)),
+        "acceptance": float(accept.group(1)) / 100 if accept else None,
+    }
 
 
 def llama_batched_bench(

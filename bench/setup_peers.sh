@@ -21,7 +21,7 @@ CACHE="${MIAOTUI_PEERS:-$HOME/.cache/miaotui/peers}"
 LCP_VERSION="0.3.36"
 TORCH_VERSION="2.13.0"
 JOBS="${JOBS:-2}"
-TARGETS=(llama-bench llama-server llama-perplexity llama-batched-bench llama-cli llama-simple)
+TARGETS=(llama-bench llama-server llama-perplexity llama-batched-bench llama-cli llama-simple llama-lookup)
 
 mkdir -p "$CACHE/src" "$CACHE/bin" "$CACHE/models"
 log() { printf '[setup_peers] %s\n' "$*" >&2; }
