@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from enum import Enum
 from typing import Literal
 
 import httpx
@@ -50,6 +51,39 @@ def test_parse_with_a_pydantic_model(client):
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(message.parsed, City)
     assert City.model_validate_json(message.content) == message.parsed
+
+
+class Color(str, Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=12)
+    color: Color
+
+
+class Owner(BaseModel):
+    name: str = Field(max_length=16)
+    pets: list[Pet] = Field(max_length=3)
+    favourite: Pet | None
+
+
+def test_parse_with_nested_models_and_refs(client):
+    """Nested models, an enum and an optional become $defs / $ref / anyOf in the SDK's strict
+    schema; the answer still parses into the model."""
+    r = client.chat.completions.parse(
+        model=MODEL,
+        messages=ask("Describe Ann and her two cats as JSON."),
+        response_format=Owner,
+        max_tokens=120,
+        temperature=0.8,
+        seed=4,
+    )
+    message = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(message.parsed, Owner)
+    assert Owner.model_validate_json(message.content) == message.parsed
 
 
 def _obj(properties: dict, **extra) -> dict:
