@@ -192,6 +192,9 @@ class SchedulerConfig:
     """Most tokens proposed per request and step."""
     ngram_max: int = 3
     """Longest suffix the ngram proposer matches (it tries ngram_max .. 1)."""
+    speculative_max_running: int = 4
+    """No proposals while more requests than this run: a batch's step is compute-bound on a
+    CPU, and scored proposals then cost what they save (bench/bench_speculative.py)."""
 
     def __post_init__(self) -> None:
         if self.speculative_method not in (None, "ngram"):
@@ -199,7 +202,7 @@ class SchedulerConfig:
                 f"speculative_method must be 'ngram' or None, got {self.speculative_method!r}",
                 "speculative_method",
             )
-        for name in ("num_speculative_tokens", "ngram_max"):
+        for name in ("num_speculative_tokens", "ngram_max", "speculative_max_running"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):

@@ -204,8 +204,11 @@ class LLMEngine:
 
     def _propose(self) -> None:
         """Prompt-lookup proposals for the running requests about to decode (engine/speculative.py;
-        none under a structured-output constraint, whose mask is per known prefix)."""
+        none under a structured-output constraint, whose mask is per known prefix, nor in a
+        batch larger than speculative_max_running)."""
         k, n_max = self.config.num_speculative_tokens, self.config.ngram_max
+        if len(self.scheduler.running) > self.config.speculative_max_running:
+            return
         for req in self.scheduler.running:
             if req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1:
                 continue
