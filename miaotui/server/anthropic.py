@@ -32,6 +32,9 @@ ERROR_TYPES = {
 }
 
 
+BLOCK_TYPES = ("text", "tool_use", "tool_result")
+
+
 class Message(BaseModel):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
@@ -139,8 +142,16 @@ def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     out = []
     if req.system:
         out.append({"role": "system", "content": _text(req.system)})
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
+        unknown = [b.get("type") for b in blocks if b.get("type") not in BLOCK_TYPES]
+        if unknown:
+            raise APIError(
+                400,
+                f"messages.{i}.content: block type {unknown[0]!r} is not supported "
+                f"(supported: {', '.join(BLOCK_TYPES)})",
+                f"messages.{i}.content",
+            )
         results = [b for b in blocks if b.get("type") == "tool_result"]
         for b in results:
             out.append(

@@ -128,6 +128,9 @@ def test_messages_errors_in_anthropic_shape(api_server, claude):
     assert e.value.body["error"]["type"] == "invalid_request_error"
     r = httpx.post(api_server + "/v1/messages", json={"model": MODEL, "messages": MESSAGES})
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    image = [{"role": "user", "content": [{"type": "image", "source": {"data": "x"}}]}]
+    with pytest.raises(anthropic.BadRequestError, match="block type 'image'"):
+        claude.messages.create(model=MODEL, messages=image, max_tokens=5)
 
 
 # ---- tokenize / detokenize --------------------------------------------------------------------
