@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +163,8 @@ async def sse(fan: FanOut, call: Call, include_usage: bool, tokenizer):
     chat, req = call.chat, call.req
     obj = "chat.completion.chunk" if chat else "text_completion"
     held = chat and tools.uses_tools(req)
+    named = tools.named_call_prefix(req) if chat else None
+    streams: dict[int, _ArgumentStream] = {}
     finals: dict[int, RequestOutput] = {}
     lp_offset: dict[int, int] = {}
 
@@ -193,6 +196,11 @@ async def sse(fan: FanOut, call: Call, include_usage: bool, tokenizer):
         async for idx, out in fan.outputs(check_disconnect=False):
             if out.finished:
                 finals[idx] = out
+            if named is not None:
+                delta = streams.setdefault(idx, _ArgumentStream(*named)).feed(out)
+                if delta is not None:
+                    yield chunk([{"index": idx, "logprobs": None, **delta}])
+                continue
             if held:
                 if out.finished:
                     yield chunk([_held_answer(idx, out, req)])
@@ -234,3 +242,41 @@ def _held_answer(idx: int, out: RequestOutput, req) -> dict[str, Any]:
         delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(answer.tool_calls)]
     reason = _finish_reason(out, answer.tool_calls)
     return {"index": idx, "delta": delta, "logprobs": None, "finish_reason": reason}
+
+
+class _ArgumentStream:
+    """A forced call of one named function, streamed as OpenAI does: a first delta with the
+    call's id, type, name and empty arguments, then argument fragments as they are generated
+    (the last character held back: it may be the answer's closing brace)."""
+
+    def __init__(self, name: str, prefix: str):
+        self.name, self.prefix = name, prefix
+        self.call_id = f"call_{uuid.uuid4().hex[:24]}"
+        self.started = False
+        self.sent = 0
+
+    def feed(self, out: RequestOutput) -> dict[str, Any] | None:
+        text = out.text
+        calls: list[dict[str, Any]] = []
+        if not self.started and text.startswith(self.prefix):
+            self.started = True
+            function = {"name": self.name, "arguments": ""}
+            calls.append({"index": 0, "id": self.call_id, "type": "function", "function": function})
+        if self.started:
+            arguments = text[len(self.prefix) :]
+            end = len(arguments) - 1 if not out.finished or arguments.endswith("}") else None
+            end = len(arguments) if end is None else end
+            if end > self.sent:
+                calls.append({"index": 0, "function": {"arguments": arguments[self.sent : end]}})
+                self.sent = end
+        reason = None
+        if out.finished:
+            reason = (
+                "tool_calls" if self.started and out.finish_reason == "stop" else out.finish_reason
+            )
+        if not calls and reason is None:
+            return None
+        delta: dict[str, Any] = {"tool_calls": calls} if calls else {}
+        if not self.started and out.finished:
+            delta = {"content": text}
+        return {"delta": delta, "finish_reason": reason}

@@ -100,6 +100,17 @@ def forced_call_constraint(req: ChatCompletionRequest) -> StructuredOutput | Non
     return StructuredOutput(json_schema=json.dumps(calls))
 
 
+def named_call_prefix(req: ChatCompletionRequest) -> tuple[str, str] | None:
+    """With a named function: (its name, the fixed start of every answer). The constrained
+    answer is compact JSON with its keys in schema order, `{"name":"f","arguments":{...}}`, so
+    the arguments are the text between this prefix and the last `}` and can be streamed."""
+    choice = req.tool_choice
+    if not uses_tools(req) or not isinstance(choice, NamedToolChoice):
+        return None
+    name = choice.function["name"]
+    return name, '{"name":' + json.dumps(name) + ',"arguments":'
+
+
 def _call_schema(tool) -> dict[str, Any]:
     return {
         "type": "object",
@@ -118,6 +129,11 @@ def parse_answer(req: ChatCompletionRequest, text: str) -> ParsedAnswer:
     if not uses_tools(req):
         return ParsedAnswer(text, [])
     names = {t.function.name for t in req.tools or ()}
+    named = named_call_prefix(req)
+    if named is not None and text.startswith(named[1]) and text.endswith("}"):
+        # The arguments exactly as generated (what a stream of them adds up to).
+        call = _openai_call({"name": named[0], "arguments": text[len(named[1]) : -1]})
+        return ParsedAnswer(None, [call])
     if forced_call_constraint(req) is not None:
         try:
             value = json.loads(text)

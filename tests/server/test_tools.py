@@ -93,9 +93,12 @@ def test_named_function_is_called_streamed_and_not(client):
     assert_valid_calls(whole.choices[0].message.tool_calls, {"get_time"})
     assert len(whole.choices[0].message.tool_calls) == 1
 
-    state = ChatCompletionStreamState()
+    state, fragments = ChatCompletionStreamState(), []
     for chunk in client.chat.completions.create(**kw, stream=True):
         state.handle_chunk(chunk)
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            fragments.append(call.function.arguments)
+    assert fragments[0] == "" and len([f for f in fragments if f]) >= 3  # streamed as it comes
     streamed = state.get_final_completion().choices[0]
     assert streamed.finish_reason == "tool_calls"
     assert_valid_calls(streamed.message.tool_calls, {"get_time"})
