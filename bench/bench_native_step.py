@@ -7,6 +7,8 @@
 - `stream`: a 70 MB Q4_1 weight (beyond L3) at N = 1: GB/s streamed from DRAM.
 - `step`: one decode step of the whole model (`NativeStepModel`, no engine) at a context of 2,
   1024 and 4000 tokens: ms/token, best of 3 x 10.
+- `step_tokens`: a step scoring N = 2, 3, 5 tokens of one sequence (speculative proposals) at a
+  300-token context, relative to N = 1.
 - `gguf_header`: opening the default GGUF with our reader (load/gguf_parse.py) and with
   `gguf.GGUFReader`, seconds.
 Runs alone on a quiet machine; the 1-minute load average is recorded.
@@ -90,6 +92,35 @@ def step(threads: list[int]) -> dict:
     return out
 
 
+def step_tokens(threads: list[int]) -> dict:
+    """A decode step scoring N tokens of one sequence (1 + N - 1 speculative proposals) at a
+    300-token context, relative to N = 1: what speculation's extra rows cost."""
+    from miaotui.load.open import open_checkpoint
+    from miaotui.model.attention import build_attention_metadata
+    from miaotui.model.kv_cache import KVCache
+    from miaotui.model.native_step import build_native_step
+
+    ckpt = open_checkpoint(None)
+    c = ckpt.config
+    out = {}
+    for t in threads:
+        model = build_native_step(ckpt, threads=t)
+        cache = KVCache(c.n_layers, 40 * 16, c.n_kv_heads, c.head_dim, torch.float16, "cpu")
+        for layer in cache.k + cache.v:
+            layer.normal_()
+        times = {}
+        for n in (1, 2, 3, 5):
+            meta = build_attention_metadata([300], [n], [list(range(1, 40))], 16)
+            ids, rows = torch.arange(n) + 5, torch.arange(n)
+            with torch.inference_mode():
+                times[n] = best_of(
+                    lambda m=meta, i=ids, r=rows, f=model, kv=cache: f(i, m, kv, r), 5, 10
+                )
+        for n in (2, 3, 5):
+            out[f"n{n}_over_n1_t{t}"] = round(times[n] / times[1], 2)
+    return out
+
+
 def gguf_header() -> dict:
     import gguf
 
@@ -125,6 +156,7 @@ def main() -> None:
     result["linear"] = linear(ops, threads)
     result["stream"] = stream(ops, threads)
     result["step"] = step(threads)
+    result["step_tokens"] = step_tokens(threads)
     result["gguf_header"] = gguf_header()
     result["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))

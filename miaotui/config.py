@@ -188,8 +188,10 @@ class SchedulerConfig:
     speculative_method: str | None = None
     """"ngram": decode steps also score tokens proposed by prompt lookup (engine/speculative.py);
     None: one token per decode step."""
-    num_speculative_tokens: int = 4
-    """Most tokens proposed per request and step."""
+    num_speculative_tokens: int = 2
+    """Most tokens proposed per request and step. On 2 CPU cores a decode step of 1 + k tokens
+    costs about 1.3-1.4x (k = 1), 1.5x (2) and 2x (4) one of 1 token (bench/bench_native_step.py
+    `step_tokens`): beyond 2 the proposals rarely pay."""
     ngram_max: int = 3
     """Longest suffix the ngram proposer matches (it tries ngram_max .. 1)."""
     speculative_max_running: int = 4
