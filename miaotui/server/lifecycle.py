@@ -47,7 +47,6 @@ class Lifecycle:
     phase: Phase = Phase.SERVING
     in_flight: int = 0
     """API requests accepted and not yet answered (a stream counts until its last byte)."""
-    drain_started: float | None = None
 
     def engine_down(self) -> str | None:
         """Why the engine cannot serve, or None if it can."""
@@ -58,7 +57,7 @@ class Lifecycle:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish for up to `timeout` s, then abort the
         rest and give their error responses a moment to reach the clients."""
-        self.phase, self.drain_started = Phase.DRAINING, time.monotonic()
+        self.phase = Phase.DRAINING
         log.warning("draining: %d requests in flight, %.1f s to finish", self.in_flight, timeout)
         if not await self._wait_idle(timeout) and hasattr(self.engine, "abort_all"):
             log.warning("drain window over: aborting %d requests", self.in_flight)
