@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
 from miaotui.engine.engine import RequestOutput
-from miaotui.server import openai as oa
-from miaotui.server import tools
+from miaotui.server import calls, tools
 from miaotui.server.errors import APIError, api_error_for
 from miaotui.server.fanout import ClientGone
 from miaotui.server.protocol import ChatCompletionRequest
@@ -69,9 +68,11 @@ def install_messages(app: FastAPI, engine, config) -> None:
     @app.post("/v1/messages")
     async def messages(req: MessagesRequest, raw: Request):
         chat = _chat_request(req, config)
-        call = oa.chat_call(engine, chat, f"msg_{uuid.uuid4().hex[:24]}")
+        call = calls.chat_call(engine, chat, f"msg_{uuid.uuid4().hex[:24]}")
         try:
-            fan = await oa.start_call(engine, raw, call, [oa.chat_prompt(engine.tokenizer, chat)])
+            fan = await calls.start_call(
+                engine, raw, call, [calls.chat_prompt(engine.tokenizer, chat)]
+            )
         except ClientGone:
             return Response(status_code=499)
         if req.stream:
@@ -97,7 +98,7 @@ def install_messages(app: FastAPI, engine, config) -> None:
     async def count_tokens(req: CountTokensRequest) -> dict:
         chat = _chat_request(req, config)
         return {
-            "input_tokens": len(engine.tokenizer.encode(oa.chat_prompt(engine.tokenizer, chat)))
+            "input_tokens": len(engine.tokenizer.encode(calls.chat_prompt(engine.tokenizer, chat)))
         }
 
 

@@ -23,23 +23,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from miaotui.errors import InvalidRequestError, MiaotuiError
-from miaotui.sampling_params import SamplingParams
-from miaotui.server import tools
+from miaotui.errors import MiaotuiError
+from miaotui.server.calls import build_call, chat_prompt, context_exceeded, start_call
 from miaotui.server.errors import APIError, api_error_for, error_response, respond
-from miaotui.server.fanout import ClientGone, FanOut, Job
+from miaotui.server.fanout import ClientGone
 from miaotui.server.forward import ServerForward
 from miaotui.server.lifecycle import install_lifecycle
 from miaotui.server.openapi_doc import document_errors
 from miaotui.server.page import install_page
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from miaotui.server.responses import Call, complete, envelope, logprobs_json, sse
-from miaotui.server.structured import checked, structured_output
-from miaotui.tokenizer import render_chat_template
-
-DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-DEFAULT_CHAT_TOKENS = 512
-GREEDY_BELOW = 1e-5  # temperatures this small are greedy (vLLM); dividing by them overflows
 
 
 @dataclass
@@ -154,28 +147,6 @@ def _install_more_endpoints(app: FastAPI, engine, config: ServerConfig, forward)
     install_tokens(app, engine, check_model)
 
 
-def chat_prompt(tokenizer, req: ChatCompletionRequest) -> str:
-    """The request's messages (and tools) rendered with the model's chat template."""
-    template = tokenizer.info.chat_template
-    if template is None:
-        raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
-    messages, extra = tools.template_messages(req, template)
-    special = {
-        "bos_token": _token_text(tokenizer, tokenizer.info.bos_id),
-        "eos_token": _token_text(tokenizer, tokenizer.info.eos_id),
-    }
-    try:
-        return render_chat_template(template, messages, True, **special, **extra)
-    except MiaotuiError as e:
-        raise APIError(400, str(e), "messages") from e
-    except Exception as e:  # a template that fails on these messages: still their fault
-        raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from e
-
-
-def _token_text(tokenizer, token_id: int | None) -> str:
-    return "" if token_id is None else (tokenizer.id_to_token(token_id) or "")
-
-
 def _model_not_found(name: str, config: ServerConfig) -> APIError:
     return APIError(
         404,
@@ -260,99 +231,6 @@ def _completion_prompts(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _context_exceeded(limit: int, prompt_len: int, requested: int | None, param: str | None):
-    """OpenAI's wording and code, which litellm and LangChain recognise."""
-    if requested is None:
-        detail = f"However, your prompt resulted in {prompt_len} tokens"
-        advice = "Please reduce the length of the prompt."
-    else:
-        detail = (
-            f"However, you requested {prompt_len + requested} tokens ({prompt_len} in the "
-            f"prompt, {requested} for the completion)"
-        )
-        advice = f"Please reduce the length of the prompt or {param}."
-    return APIError(
-        400,
-        f"This model's maximum context length is {limit} tokens. {detail}. {advice}",
-        param,
-        code="context_length_exceeded",
-    )
-
-
-def _sampling_params(
-    engine, req: SamplingFields, prompt_len: int, chat: bool, structured=None
-) -> SamplingParams:
-    limit = engine.max_model_len
-    prompt_param = "messages" if chat else "prompt"
-    if prompt_len == 0:
-        raise APIError(400, "the prompt is empty; give at least one token", prompt_param)
-    if prompt_len >= limit:  # before the default max_tokens, which needs room in the context
-        raise _context_exceeded(limit, prompt_len, None, prompt_param)
-    requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    field_name = (
-        "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-    )
-    if requested is None:
-        requested = min(
-            DEFAULT_CHAT_TOKENS if chat else DEFAULT_COMPLETION_TOKENS, limit - prompt_len
-        )
-    if prompt_len + requested > limit:
-        raise _context_exceeded(limit, prompt_len, requested, field_name)
-    if chat:
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    else:
-        logprobs = req.logprobs
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    try:
-        return SamplingParams(
-            max_tokens=max(requested, 1),  # 0 (echo only) never reaches the engine
-            temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
-            top_p=req.top_p,
-            top_k=max(req.top_k, 0),
-            min_p=req.min_p,
-            seed=req.seed,
-            stop=stop,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-            logprobs=logprobs,
-            n=1,
-            ignore_eos=req.ignore_eos,
-            structured=structured,
-            logit_bias=_logit_bias(req, engine),
-        )
-    except InvalidRequestError as e:
-        raise APIError(400, str(e), e.param) from e
-
-
-def _logit_bias(req: SamplingFields, engine) -> tuple[tuple[int, float], ...]:
-    if not req.logit_bias:
-        return ()
-    vocab_size = engine.tokenizer.vocab_size
-    bias = tuple((int(k), float(v)) for k, v in req.logit_bias.items())
-    bad = [t for t, _ in bias if t >= vocab_size]
-    if bad:
-        raise APIError(
-            400,
-            f"logit_bias: token ids {bad[:5]} are outside the vocabulary ({vocab_size})",
-            "logit_bias",
-        )
-    return bias
-
-
-def _constraint(req: SamplingFields, chat: bool):
-    """The request's one structured-output constraint: a forced tool call's or a format's."""
-    forced = tools.forced_call_constraint(req) if chat else None
-    if forced is not None:  # a function's parameters that are no valid schema
-        forced = checked(forced, "tools")
-    asked = structured_output(req)
-    if forced is not None and asked is not None:
-        raise APIError(
-            400, "a forced tool call cannot be combined with a response format", "tool_choice"
-        )
-    return forced or asked
-
-
 # ---- one API call ----------------------------------------------------------------------------
 
 
@@ -365,7 +243,7 @@ async def _serve(
     forward: ServerForward | None = None,
 ):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    call = _call(engine, req, prompts, chat, rid)
+    call = build_call(engine, req, prompts, chat, rid)
     if call.echo_texts and req.logprobs is not None and forward is not None:
         echo_logprobs = await _prompt_logprobs(engine, forward, prompts, req.logprobs)
         call = replace(call, echo_logprobs=echo_logprobs)
@@ -389,65 +267,11 @@ async def _serve(
         fan.close()
 
 
-def chat_call(engine, req: ChatCompletionRequest, rid: str) -> Call:
-    """A chat call (for other APIs built on the chat route, e.g. Anthropic Messages)."""
-    return _call(engine, req, [], True, rid)
-
-
-async def start_call(engine, raw: Request, call: Call, prompts: list) -> FanOut:
-    """Submit the call's engine requests; bad input, a full queue or a dead engine raise here,
-    before anything is sent."""
-    req = call.req
-    constraint = _constraint(req, call.chat)
-    jobs = []
-    for i, prompt in enumerate(prompts):
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        params = _sampling_params(engine, req, len(ids), call.chat, constraint)
-        if call.per_prompt > req.n and params.logprobs is None:
-            params = replace(params, logprobs=0)  # best_of ranks by cumulative logprob
-        for j in range(call.per_prompt):
-            # The j-th of n completions: distinct but reproducible seeds (as LLM.generate).
-            seed = None if req.seed is None else req.seed + j
-            idx = i * call.per_prompt + j
-            jobs.append(Job(idx, f"{call.rid}-{idx}", ids, replace(params, seed=seed)))
-    fan = FanOut(engine, jobs, raw)
-    await fan.start()
-    return fan
-
-
-def _call(engine, req: SamplingFields, prompts: list, chat: bool, rid: str) -> Call:
-    per_prompt = req.n
-    echo_texts: tuple[str, ...] = ()
-    if not chat:
-        if req.best_of is not None:
-            if req.best_of < req.n:
-                raise APIError(400, f"best_of={req.best_of} must be >= n={req.n}", "best_of")
-            if req.best_of > req.n and req.stream:
-                raise APIError(400, "best_of > n cannot be streamed", "best_of")
-            if req.best_of * len(prompts) > MAX_ENGINE_REQUESTS:
-                raise APIError(
-                    400, f"best_of x prompts is at most {MAX_ENGINE_REQUESTS}", "best_of"
-                )
-            per_prompt = req.best_of
-        if req.echo:
-            if req.stream:
-                raise APIError(400, "echo cannot be streamed", "echo")
-            echo_texts = tuple(
-                p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts
-            )
-        elif req.max_tokens == 0:
-            raise APIError(400, "max_tokens=0 is only allowed with echo", "max_tokens")
-    return Call(rid, req, chat, per_prompt, echo_texts)
-
-
-MAX_ENGINE_REQUESTS = 64
-
-
 def _prompt_ids(engine, prompts: list) -> list[list[int]]:
     ids = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     for p in ids:
         if len(p) > engine.max_model_len:
-            raise _context_exceeded(engine.max_model_len, len(p), None, "prompt")
+            raise context_exceeded(engine.max_model_len, len(p), None, "prompt")
         if not p or not all(0 <= t < engine.tokenizer.vocab_size for t in p):
             raise APIError(400, "prompt: empty, or token ids outside the vocabulary", "prompt")
     return ids

@@ -9,8 +9,8 @@ from miaotui.engine.block_pool import BlockPool
 from miaotui.engine.request import Request, check_prompt
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
 from miaotui.errors import InvalidRequestError
+from miaotui.server.calls import sampling_params
 from miaotui.server.errors import APIError
-from miaotui.server.openai import _sampling_params
 from miaotui.server.protocol import ChatCompletionRequest, CompletionRequest
 
 TOO_LONG = "the prompt has 20 tokens but the context holds 16; shorten it to at most 15 tokens"
@@ -51,9 +51,9 @@ class _Engine:
 def test_the_server_uses_the_same_check(req, param):
     """The same limit, in OpenAI's words and code (which litellm and LangChain match)."""
     chat = isinstance(req, ChatCompletionRequest)
-    _sampling_params(_Engine(), req, 15, chat)  # check_prompt(15, 16) passes too
+    sampling_params(_Engine(), req, 15, chat)  # check_prompt(15, 16) passes too
     with pytest.raises(APIError) as e:
-        _sampling_params(_Engine(), req, 20, chat)
+        sampling_params(_Engine(), req, 20, chat)
     assert (e.value.status, e.value.param, e.value.code) == (400, param, "context_length_exceeded")
     assert e.value.message.startswith("This model's maximum context length is 16 tokens.")
 

@@ -187,7 +187,7 @@ def test_a_template_that_reads_tools_renders_them_as_transformers_does():
 
     from transformers import PreTrainedTokenizerFast
 
-    from miaotui.server.openai import chat_prompt
+    from miaotui.server.calls import chat_prompt
     from miaotui.server.protocol import ChatCompletionRequest
     from miaotui.tokenizer import TextTokenizer
     from tests.helpers import byte_tokenizer
