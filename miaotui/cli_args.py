@@ -55,7 +55,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="score prompt-lookup proposals in each decode step (same output, fewer steps)",
     )
-    p.add_argument("--num-speculative-tokens", type=int, default=2, help="proposals per step")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="most proposals per step")
     p.add_argument(
         "--transforms",
         "-t",

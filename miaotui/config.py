@@ -188,12 +188,15 @@ class SchedulerConfig:
     speculative_method: str | None = None
     """"ngram": decode steps also score tokens proposed by prompt lookup (engine/speculative.py);
     None: one token per decode step."""
-    num_speculative_tokens: int = 2
-    """Most tokens proposed per request and step. On 2 CPU cores a decode step of 1 + k tokens
+    num_speculative_tokens: int = 4
+    """Most tokens proposed per request and step; each request starts at 2 and proposes one
+    more than it had accepted the time before. On 2 CPU cores a decode step of 1 + k tokens
     costs about 1.3-1.4x (k = 1), 1.5x (2) and 2x (4) one of 1 token (bench/bench_native_step.py
-    `step_tokens`): beyond 2 the proposals rarely pay."""
+    `step_tokens`): only long accepted runs pay for many."""
     ngram_max: int = 3
-    """Longest suffix the ngram proposer matches (it tries ngram_max .. 1)."""
+    """Longest suffix the ngram proposer matches (it tries ngram_max .. ngram_min)."""
+    ngram_min: int = 2
+    """Shortest: a single-token match proposes mostly wrong tokens, and each costs."""
     speculative_max_running: int = 4
     """No proposals while more requests than this run: a batch's step is compute-bound on a
     CPU, and scored proposals then cost what they save (bench/bench_speculative.py)."""
@@ -204,7 +207,7 @@ class SchedulerConfig:
                 f"speculative_method must be 'ngram' or None, got {self.speculative_method!r}",
                 "speculative_method",
             )
-        for name in ("num_speculative_tokens", "ngram_max", "speculative_max_running"):
+        for name in ("num_speculative_tokens", "ngram_max", "ngram_min", "speculative_max_running"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):

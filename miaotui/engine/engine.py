@@ -206,14 +206,19 @@ class LLMEngine:
         """Prompt-lookup proposals for the running requests about to decode (engine/speculative.py;
         none under a structured-output constraint, whose mask is per known prefix, nor in a
         batch larger than speculative_max_running)."""
-        k, n_max = self.config.num_speculative_tokens, self.config.ngram_max
+        k, n_max, n_min = (
+            self.config.num_speculative_tokens,
+            self.config.ngram_max,
+            self.config.ngram_min,
+        )
         if len(self.scheduler.running) > self.config.speculative_max_running:
             return
         for req in self.scheduler.running:
             if req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1:
                 continue
             if req.spec.ready():
-                req.spec_token_ids = propose_ngram(req.all_token_ids, k, n_max)
+                n = min(k, req.spec.next_tokens)
+                req.spec_token_ids = propose_ngram(req.all_token_ids, n, n_max, n_min)
 
     def _verify(
         self, st: _RequestState, rows: torch.Tensor, first: SampledToken
