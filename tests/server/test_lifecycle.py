@@ -31,6 +31,7 @@ import pytest
 from bench.health import stop_process, wait_healthy
 from miaotui.config import CacheConfig, EngineConfig
 from tests.helpers import REPO, free_port, serve_in_thread
+from tests.helpers import prometheus_values as metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -68,15 +69,6 @@ def served(llm, fault_hook=None, max_waiting_tokens=None, **engine_kw) -> Iterat
             yield url, engine
     finally:
         engine.shutdown()
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
 
 
 def wait_until(condition, what: str, timeout: float = 30) -> None:

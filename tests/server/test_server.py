@@ -37,6 +37,7 @@ from miaotui.config import CacheConfig, EngineConfig
 from miaotui.llm import LLM, GenerationResult
 from miaotui.sampling_params import SamplingParams
 from tests.helpers import REPO, engine_variant, free_port, serve_in_thread
+from tests.helpers import prometheus_values as metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -90,16 +91,6 @@ def post(url: str, path: str, body, timeout: float = 120, key: str | None = API_
         headers["Content-Type"] = "application/json"
         return httpx.post(url + path, content=body, headers=headers, timeout=timeout)
     return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
-
-
-def metrics(url: str) -> dict[str, float]:
-    """Prometheus text -> {name: value} (our metrics carry one label, the model name)."""
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
 
 
 def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
