@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -385,10 +386,11 @@ API_ORIGIN = "http://allowed.example"
 
 
 @contextlib.contextmanager
-def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
-    """`python -m miaotui.cli serve` on the default model in a subprocess with `args`; yields
-    its base URL, then stops it and checks its log holds no traceback."""
-    import subprocess
+def serve_subprocess(
+    *args: str, timeout: float = 240
+) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """`python -m miaotui.cli serve` in a subprocess with `args`; yields (base URL, process, log
+    path) once healthy, and stops the process afterwards if the caller has not."""
     import sys
     import tempfile
 
@@ -402,9 +404,18 @@ def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc, log, timeout=timeout)
-        yield url
+        yield url, proc, log
     finally:
-        stop_process(proc)
+        if proc.poll() is None:
+            stop_process(proc)
+
+
+@contextlib.contextmanager
+def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
+    """`serve_subprocess` yielding just the base URL; afterwards checks that the server's log
+    holds no traceback."""
+    with serve_subprocess(*args, timeout=timeout) as (url, _, log):
+        yield url
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 

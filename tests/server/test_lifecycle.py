@@ -14,24 +14,19 @@ from __future__ import annotations
 import json
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from bench.health import stop_process, wait_healthy
 from miaotui.config import CacheConfig, EngineConfig
-from tests.helpers import REPO, free_port, serve_in_thread
 from tests.helpers import prometheus_values as metrics
+from tests.helpers import serve_in_thread, serve_subprocess
 
 pytestmark = [
     pytest.mark.slow,
@@ -343,22 +338,6 @@ def test_dead_step_thread_makes_health_fail_and_requests_503(tiny_llm):
 # ---- graceful shutdown of a real `miaotui serve` -------------------------------------------------
 
 
-@contextmanager
-def serve_process(*args: str) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="miaotui-drain-")) / "server.log"
-    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log, timeout=240)
-        yield url, proc, log
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
-
-
 def stream_events(url: str, body: dict, started: threading.Event, out: list) -> None:
     """Read one SSE stream to its end into `out` (the status, then (time, data) per event);
     sets `started` at the first event."""
@@ -376,7 +355,7 @@ def test_signal_drains_then_exits_0(sig):
     busy machine) and a long one (cannot: 2000 tokens, aborted with a final SSE error event).
     Meanwhile new requests get 503 and /health says draining; then the process exits 0."""
     args = ("--threads", "1", "--max-model-len", "2048", "--shutdown-timeout", "6")
-    with serve_process(*args) as (url, proc, log):
+    with serve_subprocess(*args) as (url, proc, log):
         short_body = {"prompt": "One two", "max_tokens": 16, "ignore_eos": True, "stream": True}
         long_body = {**short_body, "prompt": "Once upon a time", "max_tokens": 2000}
         short, long_, threads = [], [], []
