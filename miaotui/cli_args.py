@@ -51,9 +51,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument(
         "--speculative-method",
-        choices=["ngram"],
         default=None,
-        help="score prompt-lookup proposals in each decode step (same output, fewer steps)",
+        metavar="ngram|draft:MODEL|layerskip[:N]",
+        help="score proposed tokens in each decode step (same output, fewer steps): prompt "
+        "lookup, a smaller model with the same tokenizer, or the model's first N layers "
+        "(N measured at load when not given)",
     )
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="most proposals per step")
     p.add_argument(

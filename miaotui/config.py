@@ -186,8 +186,10 @@ class SchedulerConfig:
     max_waiting: int = 256
     """Bound on queued requests; more are refused with CapacityError (HTTP 429)."""
     speculative_method: str | None = None
-    """"ngram": decode steps also score tokens proposed by prompt lookup (engine/speculative.py);
-    None: one token per decode step."""
+    """Decode steps also score proposed tokens: "ngram" (prompt lookup, engine/speculative.py),
+    "draft:MODEL" (a smaller model with the same tokenizer), "layerskip:N" (the served model's
+    first N layers) or "layerskip" (N chosen by measured acceptance at load, off if none pays;
+    engine/draft.py); None: one token per decode step."""
     num_speculative_tokens: int = 4
     """Most tokens proposed per request and step; each request starts at 2 and proposes one
     more than it had accepted the time before. On 2 CPU cores a decode step of 1 + k tokens
@@ -202,9 +204,10 @@ class SchedulerConfig:
     CPU, and scored proposals then cost what they save (bench/bench_speculative.py)."""
 
     def __post_init__(self) -> None:
-        if self.speculative_method not in (None, "ngram"):
+        if not _valid_speculative_method(self.speculative_method):
             raise InvalidRequestError(
-                f"speculative_method must be 'ngram' or None, got {self.speculative_method!r}",
+                f"speculative_method must be 'ngram', 'draft:MODEL', 'layerskip', "
+                f"'layerskip:N' (N >= 1 layers) or None, got {self.speculative_method!r}",
                 "speculative_method",
             )
         for name in ("num_speculative_tokens", "ngram_max", "ngram_min", "speculative_max_running"):
@@ -374,6 +377,15 @@ class EngineConfig:
                 f"unknown engine option(s) {sorted(unknown)}; known: {sorted(known)}"
             )
         return cls(**kwargs, **subs)
+
+
+def _valid_speculative_method(method: str | None) -> bool:
+    if method in (None, "ngram", "layerskip"):
+        return True
+    if method.startswith("draft:"):
+        return bool(method.removeprefix("draft:"))
+    n = method.removeprefix("layerskip:")
+    return method.startswith("layerskip:") and n.isdigit() and int(n) >= 1
 
 
 _SUBCONFIGS = {

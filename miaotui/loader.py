@@ -8,6 +8,7 @@ builder."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,8 +17,15 @@ import torch
 
 from miaotui.config import EngineConfig
 from miaotui.device import free_cpus, resolve_device, resolve_dtype, setup_threads
+from miaotui.engine.draft import (
+    DraftProposer,
+    check_same_tokenizer,
+    draft_cache,
+    layerskip_proposer,
+)
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelRunner, num_cache_blocks
+from miaotui.errors import InvalidRequestError
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.model.build import build_model
@@ -86,4 +94,36 @@ def engine_for_model(model: Transformer, tokenizer: TextTokenizer, cfg: EngineCo
     num_blocks = num_cache_blocks(model, cfg.cache, model.kv_spec()[1])
     runner = ModelRunner(model, cfg.cache, num_blocks, device, dtype)
     sched = cfg.scheduler.for_model(model.config.max_seq_len)
-    return LLMEngine(runner, tokenizer, num_blocks, cfg.cache, sched)
+    drafter = build_drafter(cfg, runner, tokenizer, num_blocks, sched.max_model_len)
+    return LLMEngine(runner, tokenizer, num_blocks, cfg.cache, sched, drafter)
+
+
+def build_drafter(
+    cfg: EngineConfig, runner: ModelRunner, tokenizer: TextTokenizer, num_blocks: int, max_len: int
+) -> DraftProposer | None:
+    """The model proposer `draft:MODEL` or `layerskip[:N]` asks for (engine/draft.py)."""
+    method = cfg.scheduler.speculative_method or ""
+    if method.startswith("layerskip"):
+        return layerskip_proposer(
+            runner.model,
+            runner.kv_cache,
+            tokenizer,
+            cfg.cache.block_size,
+            method,
+            cfg.scheduler.num_speculative_tokens,
+        )
+    if not method.startswith("draft:"):
+        return None
+    name = method.removeprefix("draft:")
+    ckpt = open_checkpoint(name)
+    check_same_tokenizer(tokenizer, load_tokenizer(ckpt), name)
+    if ckpt.config.max_seq_len < max_len:
+        raise InvalidRequestError(
+            f"draft model {name} holds {ckpt.config.max_seq_len} tokens of context, fewer than "
+            f"max_model_len={max_len}; lower max_model_len to at most {ckpt.config.max_seq_len}",
+            "speculative_method",
+        )
+    draft = load_model(ckpt, dataclasses.replace(cfg, model=name, transforms=""), tokenizer)
+    cache = draft_cache(draft, num_blocks, cfg.cache.block_size)
+    log.info("draft model %s: %d layers", ckpt.path.name, ckpt.config.n_layers)
+    return DraftProposer(draft, cache, cfg.cache.block_size)

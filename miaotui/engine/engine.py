@@ -15,6 +15,7 @@ import torch
 
 from miaotui.config import CacheConfig
 from miaotui.engine.block_pool import BlockPool
+from miaotui.engine.draft import DraftProposer
 from miaotui.engine.request import Request, RequestStatus
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
@@ -102,8 +103,14 @@ class LLMEngine:
         num_blocks: int,
         cache: CacheConfig,
         sched: SchedulerConfig,
+        drafter: DraftProposer | None = None,
     ):
         self.runner = runner
+        self.drafter = drafter
+        """The model proposer of `draft:` / `layerskip` (engine/draft.py); None for ngram."""
+        method = sched.speculative_method
+        self.speculating = method == "ngram" or (method is not None and drafter is not None)
+        """False also when layerskip calibration found no depth that pays for itself."""
         self.tokenizer = tokenizer
         self.block_pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.block_pool)
@@ -120,7 +127,12 @@ class LLMEngine:
         self.num_spec_proposed = 0
         """Proposed tokens scored (speculative decoding) and how many of them were accepted."""
         self.num_spec_accepted = 0
+        self.num_spec_drafts = 0
+        """Proposal runs scored (one per request and step that scored any)."""
         self.spec_propose_seconds = 0.0
+        """Proposing (prompt lookup, or the draft model's passes), in all."""
+        self.spec_verify_seconds = 0.0
+        """Forward passes that scored proposals, and their verification."""
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -165,13 +177,20 @@ class LLMEngine:
     # ---- one step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        if self.config.speculative_method is not None:
+        if self.speculating:
             t0 = time.perf_counter()
             self._propose()
             self.spec_propose_seconds += time.perf_counter() - t0
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        if self.drafter is not None:
+            t0 = time.perf_counter()
+            for r in out.new:  # (re-)admitted: the draft's KV of its blocks is not its own
+                self.scheduler.requests[r.request_id].spec.draft_computed = 0
+            out = self.drafter.fill(out, self.scheduler.requests)
+            self.spec_propose_seconds += time.perf_counter() - t0
+        t_verify = time.perf_counter()
         self.step_request_ids = [s.request_id for s in out.scheduled]
         if self.fault_hook is not None:
             self.fault_hook(self.step_request_ids)
@@ -198,19 +217,25 @@ class LLMEngine:
             sampled[st.request.request_id] = [t.token_id for t in seq]
             self.num_spec_proposed += n - 1
             self.num_spec_accepted += len(seq) - 1
+            self.num_spec_drafts += n > 1
+        if len(first) < logits.shape[0]:  # some request scored proposals
+            self.spec_verify_seconds += time.perf_counter() - t_verify
         updated = self.scheduler.update_from_output(out, sampled)
         self.num_generation_tokens += sum(len(v) for v in sampled.values())
         return [self._output(self.states[r.request_id]) for r in updated]
 
     def _propose(self) -> None:
-        """Prompt-lookup proposals for the running requests about to decode (engine/speculative.py;
-        none under a structured-output constraint, whose mask is per known prefix, nor in a
-        batch larger than speculative_max_running)."""
+        """Proposals for the running requests about to decode (engine/speculative.py; none under
+        a structured-output constraint, whose mask is per known prefix, nor in a batch larger
+        than speculative_max_running). A draft model's are placeholders here: the scheduler
+        reserves their slots, then the draft fills them in (engine/draft.py)."""
         k, n_max, n_min = (
             self.config.num_speculative_tokens,
             self.config.ngram_max,
             self.config.ngram_min,
         )
+        if self.drafter is not None and self.drafter.max_tokens is not None:
+            k = min(k, self.drafter.max_tokens)
         if len(self.scheduler.running) > self.config.speculative_max_running:
             return
         for req in self.scheduler.running:
@@ -218,7 +243,29 @@ class LLMEngine:
                 continue
             if req.spec.ready():
                 n = min(k, req.spec.next_tokens)
-                req.spec_token_ids = propose_ngram(req.all_token_ids, n, n_max, n_min)
+                if self.drafter is None:
+                    req.spec_token_ids = propose_ngram(req.all_token_ids, n, n_max, n_min)
+                else:
+                    req.spec_token_ids = [0] * n
+
+    def spec_stats(self) -> dict[str, float | int | str | None]:
+        """Speculative decoding so far: acceptance rate (accepted / proposed), mean accepted
+        length (accepted tokens per scored proposal run; a step then yields 1 + that) and time."""
+        method = self.config.speculative_method if self.speculating else None
+        stats: dict[str, float | int | str | None] = {
+            "method": method,
+            "proposed": self.num_spec_proposed,
+            "accepted": self.num_spec_accepted,
+            "drafts": self.num_spec_drafts,
+            "acceptance_rate": self.num_spec_accepted / max(1, self.num_spec_proposed),
+            "mean_accepted_length": self.num_spec_accepted / max(1, self.num_spec_drafts),
+            "propose_s": self.spec_propose_seconds,
+            "draft_s": self.drafter.seconds if self.drafter is not None else 0.0,
+            "verify_s": self.spec_verify_seconds,
+        }
+        if self.drafter is not None and self.drafter.num_layers is not None:
+            stats["layerskip_layers"] = self.drafter.num_layers
+        return stats
 
     def _verify(
         self, st: _RequestState, rows: torch.Tensor, first: SampledToken

@@ -6,6 +6,7 @@ extra query tokens of the step costs little more than one. The proposer here is 
 (`ngram`, no second model): the last n tokens (n = ngram_max .. 1) are matched against the
 request's earlier tokens, prompt and output alike, and the tokens that followed the latest match
 are proposed. Text that copies its context (extractive answers, edits, code) accepts long runs.
+The model proposers (`draft:MODEL`, `layerskip[:N]`) are in engine/draft.py.
 
 Verification (engine.LLMEngine._verify) samples each scored row in order with the request's own
 sampler and generator and stops at the first row whose token differs from the proposal. A
@@ -41,6 +42,10 @@ class SpecState:
     accepted: int = 0
     next_tokens: int = START_TOKENS
     """How many to propose next time (capped by the engine's num_speculative_tokens)."""
+    draft_computed: int = 0
+    """A separate draft model (engine/draft.py): leading tokens whose draft KV is cached, if
+    still known (the engine takes the min with num_computed_tokens, and resets it to 0 when
+    the request is (re-)admitted)."""
 
     def record(self, num_proposed: int, num_accepted: int) -> None:
         self.proposed += num_proposed

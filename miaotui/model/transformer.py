@@ -72,23 +72,29 @@ class Transformer(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
         logits_index: torch.Tensor | None = None,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
         """input_ids: (N,) packed new tokens -> logits (S, V) for the rows in `logits_index`
-        (all N rows when None)."""
-        x = self.hidden_states(input_ids, meta, cache)
+        (all N rows when None). `num_layers`: only the first num_layers blocks, then the final
+        norm and the head (a layer-skip draft, engine/draft.py; its K/V writes are those layers')."""
+        x = self.hidden_states(input_ids, meta, cache, num_layers)
         if logits_index is not None:
             x = x[logits_index]
         return self.logits(x)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
         x = self.tok_embeddings(input_ids)  # (N, C)
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         rope = {False: self.rotary(meta.positions)}
         rope[True] = self.rotary_local(meta.positions) if self.rotary_local else rope[False]
-        for block in self.layers:
+        for block in self.layers[:num_layers]:
             x = block(x, rope, meta, cache)
         return self.norm(x)
 
