@@ -7,6 +7,12 @@
 //   rms_norm -> quantize -> gate|up (one job) -> silu * up -> quantize -> down -> + residual,
 // then the final norm and the output head for the rows that are sampled.
 //
+// Tensor parallelism (a Shard): a rank holds some of every linear's output rows -- its query /
+// KV heads of q|k|v, its MLP channels of gate|up, a range of the model dimension's rows of o and
+// down, a range of the vocabulary -- and after each of those four stages the ranks' outputs are
+// gathered (a Python callback, torch.distributed), so every row is still one rank's whole dot
+// product over the full input: the same arithmetic as one process, bit for bit, whatever the split.
+//
 // Weights stay in their GGUF block encodings (Q4_0, Q4_1, Q8_0): the bytes llama.cpp reads, with
 // fp16 scales inside each block, rearranged so 8 rows share each vector (make_linear). Activations are quantized per 32-block to int8 (llama.cpp's
 // Q8_1) so every block is an integer dot product. Two instruction sets are compiled from
@@ -18,6 +24,7 @@
 // then sleep on a futex, so a busy machine is not fought over.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -401,6 +408,16 @@ struct Layer {
   Weight wq, wk, wv, wo, w_gate, w_up, w_down;
 };
 
+// A tensor-parallel rank's part (NativeModel's n_heads, n_kv_heads, ffn and vocab are then the
+// rank's own): full sizes, the rows of o / down this rank computes, and the gather callback
+// gather(stage, local (N, w) float32) -> (N, full width), stages GATHER_*; for GATHER_LOGITS the
+// result is returned as it is (the driver's full logits, a worker's own part).
+constexpr int64_t GATHER_ATTN = 0, GATHER_ATTN_OUT = 1, GATHER_FFN = 2, GATHER_FFN_OUT = 3, GATHER_LOGITS = 4;
+struct Shard {
+  int64_t n_heads = 0, ffn = 0, vocab = 0, dim_rows = 0;
+  py::object gather;  // None: one process, nothing to gather
+};
+
 at::Tensor f32_vector(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, name,
               " must be a contiguous float32 tensor of ", n, " values");
@@ -414,9 +431,13 @@ class NativeModel {
   NativeModel(int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t ffn, int64_t vocab,
               double eps, const at::Tensor& embed, int64_t embed_type, const at::Tensor& head, int64_t head_type,
               const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t threads,
-              const std::string& isa)
+              const std::string& isa, const py::object& shard)
       : C_(dim), H_(n_heads), KVH_(n_kv_heads), D_(head_dim), F_(ffn), V_(vocab), eps_(static_cast<float>(eps)),
         k_(pick_kernels(isa)), pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))) {
+    shard_ = shard.is_none() ? Shard{n_heads, ffn, vocab, dim, py::none()} : shard.cast<Shard>();
+    TORCH_CHECK(shard_.n_heads >= H_ && shard_.ffn >= F_ && shard_.vocab >= V_ && shard_.dim_rows <= C_ &&
+                    shard_.dim_rows > 0 && (shard_.n_heads * head_dim) % QK == 0 && shard_.ffn % QK == 0,
+                "shard sizes must cover this rank's part");
     TORCH_CHECK(dim % QK == 0 && ffn % QK == 0 && (n_heads * head_dim) % QK == 0,
                 "native step needs dim, ffn and heads*head_dim to be multiples of 32");
     TORCH_CHECK(head_dim % 16 == 0 && head_dim <= MAX_HEAD_DIM, "head_dim must be a multiple of 16, <= 256");
@@ -429,7 +450,8 @@ class NativeModel {
       embed_ = make_weight(embed, embed_type, dim, "tok_embeddings");
     }
     head_ = make_linear(head, head_type, dim, "output");
-    TORCH_CHECK(head_.rows == vocab && embed_.rows == vocab, "embedding / output rows must equal vocab ", vocab);
+    TORCH_CHECK(head_.rows == vocab && embed_.rows == shard_.vocab, "embedding / output rows must equal vocab ",
+                shard_.vocab, " / ", vocab);
     final_norm_ = f32_vector(final_norm, dim, "norm.weight");
     TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.dim() == 2 && cos.size(1) == head_dim && cos.is_contiguous() &&
                     sin.sizes() == cos.sizes() && sin.is_contiguous(),
@@ -454,12 +476,12 @@ class NativeModel {
     L.wq = weight("wq", C_);
     L.wk = weight("wk", C_);
     L.wv = weight("wv", C_);
-    L.wo = weight("wo", qd);
+    L.wo = weight("wo", shard_.n_heads * D_);  // the full input: gathered from every rank's heads
     L.w_gate = weight("w_gate", C_);
     L.w_up = weight("w_up", C_);
-    L.w_down = weight("w_down", F_);
-    TORCH_CHECK(L.wq.rows == qd && L.wk.rows == kvd && L.wv.rows == kvd && L.wo.rows == C_ && L.w_gate.rows == F_ &&
-                    L.w_up.rows == F_ && L.w_down.rows == C_,
+    L.w_down = weight("w_down", shard_.ffn);
+    TORCH_CHECK(L.wq.rows == qd && L.wk.rows == kvd && L.wv.rows == kvd && L.wo.rows == shard_.dim_rows &&
+                    L.w_gate.rows == F_ && L.w_up.rows == F_ && L.w_down.rows == shard_.dim_rows,
                 "layer ", layers_.size(), ": weight shapes do not match the config");
     L.bq = bias("bq", qd);
     L.bk = bias("bk", kvd);
@@ -478,13 +500,17 @@ class NativeModel {
   // logits for.
   // k_cache[l], v_cache[l]: (num_slots, KVH, D) float16 (half the bytes a long context reads
   // per token; llama.cpp's default too), or int8 with k_scale[l], v_scale[l] (num_slots, KVH, 1)
-  // float32 (a quarter; model/kv_cache.py's Int8KVCache). Returns (S, V) float32 logits.
+  // float32 (a quarter; model/kv_cache.py's Int8KVCache). Runs the first num_layers layers
+  // (all when < 0; fewer: a self-draft) before the final norm and head. Returns (S, V) float32
+  // logits.
   at::Tensor forward(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& seq_index,
                      const at::Tensor& block_table, int64_t block_size, const at::Tensor& slot_mapping,
                      const at::Tensor& logits_index, const std::vector<at::Tensor>& k_cache,
                      const std::vector<at::Tensor>& v_cache, const std::vector<at::Tensor>& k_scale,
-                     const std::vector<at::Tensor>& v_scale) {
+                     const std::vector<at::Tensor>& v_scale, int64_t num_layers) {
     const int64_t N = token_ids.numel(), nl = static_cast<int64_t>(layers_.size());
+    const int64_t run_layers = num_layers < 0 ? nl : num_layers;
+    TORCH_CHECK(run_layers >= 1 && run_layers <= nl, "num_layers must be in 1..", nl, ", got ", num_layers);
     TORCH_CHECK(static_cast<int64_t>(k_cache.size()) == nl && static_cast<int64_t>(v_cache.size()) == nl,
                 "need one K and one V cache tensor per layer (", nl, ")");
     for (const auto* t : {&token_ids, &positions, &seq_index, &block_table, &slot_mapping, &logits_index})
@@ -501,7 +527,7 @@ class NativeModel {
     const int64_t B = block_table.size(0), nbt = block_table.size(1), L = nbt * block_size;
     const int64_t num_slots = k_cache.empty() ? 0 : k_cache[0].size(0);
     for (int64_t n = 0; n < N; ++n) {
-      TORCH_CHECK(ids[n] >= 0 && ids[n] < V_, "token id ", ids[n], " out of range [0, ", V_, ")");
+      TORCH_CHECK(ids[n] >= 0 && ids[n] < shard_.vocab, "token id ", ids[n], " out of range [0, ", shard_.vocab, ")");
       TORCH_CHECK(pos[n] >= 0 && pos[n] < L && pos[n] < cos_.size(0), "position ", pos[n], " out of range");
       TORCH_CHECK(seq[n] >= 0 && seq[n] < B, "seq_index ", seq[n], " out of range");
       TORCH_CHECK(wslot[n] >= 0 && wslot[n] < num_slots, "slot ", wslot[n], " out of range");
@@ -519,9 +545,10 @@ class NativeModel {
           TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == num_slots * KVH_,
                       "KV scales must be contiguous float32 (num_slots, ", KVH_, ", 1)");
 
-    const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd;
+    const int64_t qd = H_ * D_, kvd = KVH_ * D_, qkvd = qd + 2 * kvd, R = shard_.dim_rows;
     x_.resize(N * C_);
     h_.resize(N * C_);
+    part_.resize(N * R);
     qkv_.resize(N * qkvd);
     attn_.resize(N * qd);
     gu_.resize(N * 2 * F_);
@@ -530,7 +557,7 @@ class NativeModel {
     pool.run(N, [&](int64_t n) { embedding_row(embed_, ids[n], C_, x_.data() + n * C_); });
 
     const int T = pool.size();
-    for (int64_t l = 0; l < nl; ++l) {
+    for (int64_t l = 0; l < run_layers; ++l) {
       const Layer& Ly = layers_[l];
       KVRows kv{k_cache[l].data_ptr(), v_cache[l].data_ptr()};
       if (i8) kv = {kv.k, kv.v, k_scale[l].data_ptr<float>(), v_scale[l].data_ptr<float>()};
@@ -552,11 +579,8 @@ class NativeModel {
         write_kv(kv, q + qd, wslot[n]);
       });
       attention(pool, kv, pos, seq, {table, nbt, block_size}, N);
-      quantize_all(pool, k_, attn_.data(), N, qd, qa_);
-      items_.clear();
-      add_items(items_, Ly.wo, h_.data(), C_, nullptr, item_rows(C_, N, T));
-      run_linears(pool, k_, qa_, items_);
-      add_rows(x_.data(), h_.data(), N * C_);
+      quantize_all(pool, k_, gathered(GATHER_ATTN, attn_, N, qd, shard_.n_heads * D_), N, shard_.n_heads * D_, qa_);
+      linear_gathered(Ly.wo, GATHER_ATTN_OUT, N);
       // feed-forward
       norm_rows(x_.data(), Ly.ffn_norm.data_ptr<float>(), N, h_.data());
       quantize_all(pool, k_, h_.data(), N, C_, qa_);
@@ -566,11 +590,8 @@ class NativeModel {
       add_items(items_, Ly.w_up, gu_.data() + F_, 2 * F_, nullptr, frows);
       run_linears(pool, k_, qa_, items_);
       pool.run(N, [&](int64_t n) { k_.silu_mul(gu_.data() + n * 2 * F_, gu_.data() + n * 2 * F_ + F_, F_, act_.data() + n * F_); });
-      quantize_all(pool, k_, act_.data(), N, F_, qa_);
-      items_.clear();
-      add_items(items_, Ly.w_down, h_.data(), C_, nullptr, item_rows(C_, N, T));
-      run_linears(pool, k_, qa_, items_);
-      add_rows(x_.data(), h_.data(), N * C_);
+      quantize_all(pool, k_, gathered(GATHER_FFN, act_, N, F_, shard_.ffn), N, shard_.ffn, qa_);
+      linear_gathered(Ly.w_down, GATHER_FFN_OUT, N);
     }
     return logits(pool, logits_index);
   }
@@ -604,6 +625,30 @@ class NativeModel {
 
   static void add_rows(float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+  }
+
+  // Every rank's (N, width) part of a stage's output side by side, (N, full) (the parts are
+  // column ranges in rank order): `local` itself in one process.
+  const float* gathered(int64_t stage, const std::vector<float>& local, int64_t N, int64_t width, int64_t full) {
+    if (shard_.gather.is_none()) return local.data();
+    py::gil_scoped_acquire gil;
+    const at::Tensor part = at::from_blob(const_cast<float*>(local.data()), {N, width}, at::kFloat);
+    const at::Tensor all = shard_.gather(stage, part).cast<at::Tensor>();
+    TORCH_CHECK(all.scalar_type() == at::kFloat && all.is_contiguous() && all.numel() == N * full,
+                "gather of stage ", stage, " returned ", all.sizes(), ", expected (", N, ", ", full, ")");
+    full_.assign(all.data_ptr<float>(), all.data_ptr<float>() + N * full);
+    return full_.data();
+  }
+
+  // x_ += the rows of w (o or down) this rank holds, gathered from every rank: (N, C).
+  void linear_gathered(const Weight& w, int64_t stage, int64_t N) {
+    const int64_t R = shard_.dim_rows;
+    float* out = shard_.gather.is_none() ? h_.data() : part_.data();
+    items_.clear();
+    add_items(items_, w, out, R, nullptr, item_rows(R, N, pool_->size()));
+    run_linears(*pool_, k_, qa_, items_);
+    if (!shard_.gather.is_none()) std::copy_n(gathered(stage, part_, N, R, C_), N * C_, h_.data());
+    add_rows(x_.data(), h_.data(), N * C_);
   }
 
   // attn_ (N, H*D) <- softmax(q K^T / sqrt(D)) V for every (token, head), causal by position.
@@ -699,7 +744,9 @@ class NativeModel {
     items_.clear();
     add_items(items_, head_, out.data_ptr<float>(), V_, nullptr, item_rows(V_, S, pool.size()));
     run_linears(pool, k_, qa_, items_);
-    return out;
+    if (shard_.gather.is_none()) return out;
+    py::gil_scoped_acquire gil;
+    return shard_.gather(GATHER_LOGITS, out).cast<at::Tensor>();
   }
 
   const int64_t C_, H_, KVH_, D_, F_, V_;
@@ -709,8 +756,10 @@ class NativeModel {
   Weight embed_, head_;
   at::Tensor final_norm_, cos_, sin_;
   std::vector<Layer> layers_;
+  Shard shard_;
   // per-step scratch, reused
   std::vector<float> x_, h_, qkv_, attn_, gu_, act_;
+  std::vector<float> part_, full_;  // this rank's rows of o / down; a gathered stage
   std::vector<int64_t> split_base_;  // first split of each token
   struct AttnItem {
     int64_t n0, count, split;  // tokens [n0, n0 + count) of one sequence, against one split
@@ -755,10 +804,17 @@ class BlockLinear {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace miaotui;
   m.def("cpu_has_vnni", &cpu_has_vnni, "True when this CPU runs the AVX-512 VNNI kernels");
+  py::class_<Shard>(m, "Shard")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, py::object>(), py::arg("n_heads"), py::arg("ffn"),
+           py::arg("vocab"), py::arg("dim_rows"), py::arg("gather"));
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double, const at::Tensor&, int64_t,
                     const at::Tensor&, int64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                    const std::string&>())
+                    const std::string&, const py::object&>(),
+           py::arg("dim"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("ffn"),
+           py::arg("vocab"), py::arg("eps"), py::arg("embed"), py::arg("embed_type"), py::arg("head"),
+           py::arg("head_type"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"), py::arg("threads"),
+           py::arg("isa"), py::arg("shard") = py::none())
       .def("add_layer", &NativeModel::add_layer)
       .def("forward", &NativeModel::forward, py::call_guard<py::gil_scoped_release>())
       .def("set_threads", &NativeModel::set_threads)

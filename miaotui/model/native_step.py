@@ -20,6 +20,8 @@ import logging
 import mmap
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,10 +53,12 @@ LINEARS = {
 class NativeStepModel:
     """Stands where a `Transformer` does for the runner: `model(ids, meta, cache, rows)`."""
 
-    def __init__(self, config: ModelConfig, native, keep: list[torch.Tensor]):
+    def __init__(
+        self, config: ModelConfig, native, keep: list[torch.Tensor], n_kv_heads: int | None = None
+    ):
         self.config = config
         self.native = native
-        self.n_kv_heads = config.n_kv_heads
+        self.n_kv_heads = n_kv_heads or config.n_kv_heads  # this rank's, under tensor parallelism
         self._keep = keep  # tensors the native model points into (file views, perm copies)
 
     def kv_spec(self) -> tuple[int, torch.dtype, torch.device]:
@@ -81,8 +85,11 @@ class NativeStepModel:
         meta: AttentionMetadata,
         cache: KVCache,
         logits_index: torch.Tensor | None = None,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
-        """input_ids (N,) -> logits (S, V) of the rows in `logits_index` (all when None)."""
+        """input_ids (N,) -> logits (S, V) of the rows in `logits_index` (all when None), after
+        the first `num_layers` layers (all when None; fewer: a self-draft, whose K/V writes are
+        the ones the whole model makes for those layers)."""
         n = input_ids.shape[0]
         if logits_index is None:
             logits_index = torch.arange(n)
@@ -98,6 +105,7 @@ class NativeStepModel:
             cache.v,
             getattr(cache, "k_scale", []),  # an Int8KVCache: int8 rows, one scale per head
             getattr(cache, "v_scale", []),
+            -1 if num_layers is None else num_layers,
         )
 
     def hidden_states(
@@ -137,8 +145,26 @@ def unsupported_reason(ckpt: Checkpoint) -> str | None:
     return None
 
 
-def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> NativeStepModel | None:
-    """The native-step model of a GGUF checkpoint, or None (reason logged) if not covered."""
+@dataclass(frozen=True)
+class NativeShard:
+    """One tensor-parallel rank's rows of every linear (ranges [start, stop)), and the callback
+    that gathers a stage's outputs from all ranks (kernels/native_step.cpp, `Shard`)."""
+
+    heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    ffn: tuple[int, int]
+    dim_rows: tuple[int, int]
+    """Rows of wo and w_down (output channels of the model dimension)."""
+    vocab: tuple[int, int]
+    gather: Callable[[int, torch.Tensor], torch.Tensor]
+    """gather(stage, local (N, w)) -> (N, full): every rank's part side by side."""
+
+
+def build_native_step(
+    ckpt: Checkpoint, threads: int, isa: str = "auto", shard: NativeShard | None = None
+) -> NativeStepModel | None:
+    """The native-step model of a GGUF checkpoint (this rank's part of it with a `shard`), or
+    None (reason logged) if not covered."""
     reason = unsupported_reason(ckpt)
     ops = load_native() if reason is None else None
     if reason is None and ops is None:
@@ -148,10 +174,23 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
         return None
     c = ckpt.config
     keep: list[torch.Tensor] = []
+    D = c.head_dim
+    whole = (0, None)
+    rows = {  # the rows of each linear this process holds (all in one process)
+        "wq": (shard.heads[0] * D, shard.heads[1] * D) if shard else whole,
+        "wk": (shard.kv_heads[0] * D, shard.kv_heads[1] * D) if shard else whole,
+        "wv": (shard.kv_heads[0] * D, shard.kv_heads[1] * D) if shard else whole,
+        "wo": shard.dim_rows if shard else whole,
+        "w_gate": shard.ffn if shard else whole,
+        "w_up": shard.ffn if shard else whole,
+        "w_down": shard.dim_rows if shard else whole,
+        "output": shard.vocab if shard else whole,
+    }
 
-    def raw(name: str) -> tuple[torch.Tensor, int]:
+    def raw(name: str, key: str | None = None) -> tuple[torch.Tensor, int]:
         src = ckpt.tensors[name]
-        return _file_bytes(src), GGML_TYPES[src.qtype]
+        start, stop = rows[key] if key else whole
+        return _file_bytes(src)[start:stop], GGML_TYPES[src.qtype]
 
     def vec(name: str) -> torch.Tensor:
         src = ckpt.tensors[name]
@@ -164,18 +203,21 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
 
     rotary = Rotary(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
     keep += [rotary.cos, rotary.sin]
-    embed, embed_type = raw("tok_embeddings.weight")
+    embed, embed_type = raw("tok_embeddings.weight")  # every rank looks up the whole table
     keep.append(embed)  # looked up row by row in place; the linears are repacked by NativeModel
-    head, head_type = (
-        raw("output.weight") if "output.weight" in ckpt.tensors else (embed, embed_type)
-    )
+    head_name = "output.weight" if "output.weight" in ckpt.tensors else "tok_embeddings.weight"
+    head, head_type = raw(head_name, "output")
+
+    def span(key: str, n: int) -> int:  # this rank's count of heads / channels / rows
+        return n if shard is None else getattr(shard, key)[1] - getattr(shard, key)[0]
+
     native = ops.NativeModel(
         c.dim,
-        c.n_heads,
-        c.n_kv_heads,
+        span("heads", c.n_heads),
+        span("kv_heads", c.n_kv_heads),
         c.head_dim,
-        c.intermediate_size,
-        c.vocab_size,
+        span("ffn", c.intermediate_size),
+        span("vocab", c.vocab_size),
         c.norm_eps,
         embed,
         embed_type,
@@ -186,6 +228,9 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
         rotary.sin.contiguous(),
         threads,
         isa,
+        None if shard is None else ops.Shard(
+            c.n_heads, c.intermediate_size, c.vocab_size, span("dim_rows", c.dim), shard.gather
+        ),
     )
     if ckpt.tensors["tok_embeddings.weight"].row_perm is None:
         _drop_pages(embed)  # read by the head's repacking; lookups fault in only the rows used
@@ -195,18 +240,18 @@ def build_native_step(ckpt: Checkpoint, threads: int, isa: str = "auto") -> Nati
             "ffn_norm": vec(f"layers.{i}.ffn_norm.weight"),
         }
         for key, module in LINEARS.items():
-            name = f"layers.{i}.{module}.weight"
-            layer[key] = raw(name)
+            layer[key] = raw(f"layers.{i}.{module}.weight", key)
         for key in ("q", "k", "v"):
             bias = f"layers.{i}.attention.w{key}.bias"
             if bias in ckpt.tensors:
-                layer[f"b{key}"] = vec(bias)
+                start, stop = rows[f"w{key}"]
+                layer[f"b{key}"] = vec(bias)[start:stop].contiguous()
         native.add_layer(layer)
         for key, module in LINEARS.items():  # repacked: the file views' pages can go
             if ckpt.tensors[f"layers.{i}.{module}.weight"].row_perm is None:
                 _drop_pages(layer[key][0])
     log.info("native step: %d layers on %s, %d threads", c.n_layers, native.isa, native.threads)
-    return NativeStepModel(c, native, keep)
+    return NativeStepModel(c, native, keep, span("kv_heads", c.n_kv_heads))
 
 
 def _linear_names(c: ModelConfig) -> list[str]:

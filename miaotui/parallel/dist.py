@@ -129,6 +129,14 @@ class Comm:
         self.counters.add("all_reduce", time.perf_counter() - t0, _nbytes(x))
         return x
 
+    def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x` (same shape everywhere), in rank order, on every rank."""
+        t0 = time.perf_counter()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        self._run("all_gather", lambda: dist.all_gather(parts, x, async_op=True).wait(self.timeout))
+        self.counters.add("all_gather", time.perf_counter() - t0, self.world_size * _nbytes(x))
+        return parts
+
     def gather_to_driver(self, x: torch.Tensor) -> list[torch.Tensor] | None:
         """Rank 0 gets every rank's `x` (same shape everywhere); others get None."""
         t0 = time.perf_counter()

@@ -13,6 +13,12 @@ KV heads are split in contiguous groups, each with its G query heads, so the KV 
 with them. The split may be uneven (SmolLM2 has 3 KV heads: 2 + 1 on two ranks); it only needs
 at least one KV head per rank.
 
+With GGUF block weights on the CPU the ranks run the one-call native step instead
+(`build_native_tp_step`), split so that no dot product is ever cut: every linear is
+column-parallel (wo and w_down by ranges of output channels over their whole input) and each
+stage's outputs are all-gathered -- four gathers per layer rather than two all-reduces, and
+greedy output bit-identical to one process.
+
 Each rank reads only its slice of the file: rows of a GGUF tensor are contiguous byte rows, and
 columns are cut at block boundaries (32 or 256 values) and trimmed after decoding at group
 boundaries, so quantized weights are packed for the kernels without a float copy.
@@ -34,6 +40,7 @@ from miaotui.device import resolve_device, resolve_dtype
 from miaotui.errors import InvalidRequestError
 from miaotui.load.checkpoint import Checkpoint, TensorSource
 from miaotui.model.build import build_model
+from miaotui.model.native_step import NativeShard, NativeStepModel, build_native_step
 from miaotui.model.quant_linear import QuantEmbedding
 from miaotui.model.transformer import Transformer
 from miaotui.parallel.dist import Comm
@@ -307,6 +314,56 @@ def build_tp_model(ckpt: Checkpoint, cfg: EngineConfig, comm: Comm) -> Transform
         source_bytes(sources) / 1e6,
     )
     return model
+
+
+@dataclass(frozen=True)
+class StageGather:
+    """The native step's gather callback: every rank's column range of a stage's output side by
+    side. widths[stage][r] is rank r's width; stages in kernels/native_step.cpp's GATHER_* order
+    (attention heads, o's rows, MLP channels, down's rows, logits). Logits go to the driver only."""
+
+    comm: Comm
+    widths: tuple[tuple[int, ...], ...]
+    LOGITS = 4
+
+    def __call__(self, stage: int, part: torch.Tensor) -> torch.Tensor:
+        widths = self.widths[stage]  # part: (N, widths[rank])
+        padded = F.pad(part, (0, max(widths) - part.shape[1])).contiguous()
+        if stage == self.LOGITS:
+            parts = self.comm.gather_to_driver(padded)
+            if parts is None:
+                return part  # a worker: its own logits, unused
+        else:
+            parts = self.comm.all_gather(padded)
+        return torch.cat([p[:, :w] for p, w in zip(parts, widths)], dim=1).contiguous()
+
+
+def build_native_tp_step(ckpt: Checkpoint, threads: int, comm: Comm) -> NativeStepModel | None:
+    """This rank's part of the native step (model/native_step.py), or None if the checkpoint
+    is not one it runs. Shard boundaries: the shard plan's heads, MLP channels and vocabulary,
+    and the model dimension split in groups of 8 rows (the kernels' row groups)."""
+    c, D, size = ckpt.config, ckpt.config.head_dim, comm.world_size
+    plans = [make_shard_plan(ckpt, r, size) for r in range(size)]
+    dim_rows = _split(c.dim, size, 8)
+    per_rank = (
+        [p.heads for p in plans],
+        dim_rows,
+        [p.ffn for p in plans],
+        dim_rows,
+        [p.vocab for p in plans],
+    )
+    widths = tuple(tuple(_len(r) * (D if stage == 0 else 1) for r in ranges)
+                   for stage, ranges in enumerate(per_rank))
+    plan = plans[comm.rank]
+    shard = NativeShard(
+        heads=plan.heads,
+        kv_heads=plan.kv_heads,
+        ffn=plan.ffn,
+        dim_rows=dim_rows[comm.rank],
+        vocab=plan.vocab,
+        gather=StageGather(comm, widths),
+    )
+    return build_native_step(ckpt, threads, shard=shard)
 
 
 def source_bytes(sources: dict[str, Source]) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from miaotui.config import EngineConfig
-from miaotui.device import resolve_device, resolve_dtype, setup_threads
+from miaotui.device import free_cpus, resolve_device, resolve_dtype, setup_threads
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelInput, ModelRunner, num_cache_blocks
 from miaotui.engine.scheduler import SchedulerOutput
@@ -29,7 +29,8 @@ from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.parallel.dist import Comm, ParallelConfig, init_distributed
 from miaotui.parallel.pp import PipelineInput, PipelineRunner, build_stage_model, stage_layers
-from miaotui.parallel.tp import build_tp_model, make_shard_plan
+from miaotui.loader import native_step_applies
+from miaotui.parallel.tp import build_native_tp_step, build_tp_model, make_shard_plan
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ def build_rank(cfg: EngineConfig, par: ParallelConfig, rank: int) -> Rank:
     comm = init_distributed(par, rank, device)
     try:
         if par.tensor_parallel_size > 1:
-            model = build_tp_model(ckpt, cfg, comm)
-            num_blocks = num_cache_blocks(model, cfg.cache, dtype)  # full config: same everywhere
+            model = build_tp_rank_model(ckpt, cfg, comm, device, dtype)
+            # full config and one KV dtype on every rank: the same block count everywhere
+            num_blocks = num_cache_blocks(model, cfg.cache, model.kv_spec()[1])
             runner = ModelRunner(model, cfg.cache, num_blocks, device, dtype)
         else:
             pp = par.pipeline_parallel_size
@@ -98,6 +100,20 @@ def build_rank(cfg: EngineConfig, par: ParallelConfig, rank: int) -> Rank:
         comm.close()
         raise
     return Rank(comm, runner, ckpt, num_blocks)
+
+
+def build_tp_rank_model(
+    ckpt: Checkpoint, cfg: EngineConfig, comm: Comm, device: torch.device, dtype: torch.dtype
+):
+    """This rank's tensor-parallel slice: the native step's (GGUF blocks on the CPU, as one
+    process would run them: the same answers bit for bit) or the per-module model's."""
+    if not cfg.transforms and native_step_applies(cfg, device, dtype):
+        threads = cfg.device.threads or max(1, free_cpus() // comm.world_size)
+        model = build_native_tp_step(ckpt, threads, comm)
+        if model is not None:
+            torch.set_num_threads(1)  # as in one process: the native pool has the cores
+            return model
+    return build_tp_model(ckpt, cfg, comm)
 
 
 class DriverRunner:

@@ -1,10 +1,12 @@
 """Tensor and pipeline parallelism on two ranks over gloo on 127.0.0.1, against the
-single-process engine: greedy tokens and logits equal, each rank holding only its slice, and
-clear DistributedErrors (never hangs) when ranks cannot meet or one dies."""
+single-process engine: greedy tokens and logits equal (bit for bit on the native step), each
+rank holding only its slice, and clear DistributedErrors (never hangs) when ranks cannot meet
+or one dies."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -17,8 +19,9 @@ from miaotui.config import CacheConfig, EngineConfig
 from miaotui.errors import DistributedError, InvalidRequestError
 from miaotui.load.open import open_checkpoint
 from miaotui.loader import build_engine, engine_for_model
+from miaotui.model.native_step import NativeStepModel
 from miaotui.parallel.dist import ParallelConfig, free_port, init_distributed
-from tests.helpers import hf_model, write_gguf
+from tests.helpers import SHARED, hf_model, write_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +37,7 @@ PROMPT_IDS = [[5, 17, 33, 2, 9, 60, 61, 62, 7], [11, 12, 13], [40, 41, 42, 43, 4
 TIMEOUT = 150.0
 
 
-def _job_result(engine, prompts) -> dict:
+def _job_result(engine, prompts, max_tokens: int = 8) -> dict:
     """Rank 0: logits of a prefill of every prompt, then greedy tokens of all of them."""
     from miaotui.llm import LLM
     from miaotui.sampling_params import SamplingParams
@@ -45,9 +48,10 @@ def _job_result(engine, prompts) -> dict:
         "tokens": [
             r.token_ids
             for r in LLM.from_engine(engine).generate(
-                ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+                ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
             )
         ],
+        "native": isinstance(engine.runner.model, NativeStepModel),
     }
 
 
@@ -67,14 +71,14 @@ def _rank_main(rank: int, jobs: list, q) -> None:
     """One process of a two-rank test: runs each (cfg, par) job in turn."""
     from miaotui.parallel.workers import build_driver_engine, run_worker
 
-    for cfg, par, prompts in jobs:
+    for cfg, par, prompts, max_tokens in jobs:
         try:
             if rank != 0:
                 run_worker(cfg, par, rank)
                 continue
             engine = build_driver_engine(cfg, par)
             try:
-                q.put(_job_result(engine, prompts))
+                q.put(_job_result(engine, prompts, max_tokens))
             finally:
                 engine.runner.shutdown()
         except BaseException as e:
@@ -116,15 +120,21 @@ def _cfg(model: str | None, **kw) -> EngineConfig:
     return EngineConfig.from_kwargs(model=model, threads=1, max_model_len=256, cache=cache, **kw)
 
 
-def _reference(cfg: EngineConfig, prompts) -> dict:
-    """One process running what the ranks run: native weights as per-module packed kernels
-    (a single process would otherwise take the one-call native step, other numerics)."""
-    if cfg.weights == "native":
+def _reference(cfg: EngineConfig, par: ParallelConfig, prompts, max_tokens: int = 8) -> dict:
+    """One process running what the ranks run: under tensor parallelism that is the one-call
+    native step where the file allows (as one process takes it); pipeline stages run native
+    weights as per-module packed kernels."""
+    if cfg.weights == "native" and par.pipeline_parallel_size > 1:
         cfg = dataclasses.replace(cfg, weights="packed")
-    return _job_result(build_engine(cfg), prompts)
+    return _job_result(build_engine(cfg), prompts, max_tokens)
 
 
 def _check_same(got: dict, want: dict, what: str) -> None:
+    assert got["native"] == want["native"], what
+    if want["native"]:  # the same arithmetic however the rows are split: the same bits
+        assert torch.equal(got["logits"], want["logits"]), f"{what}: logits differ"
+        assert got["tokens"] == want["tokens"], f"{what}: {got['tokens']} != {want['tokens']}"
+        return
     diff = (got["logits"] - want["logits"]).abs().max().item()
     assert diff < 1e-3 * want["logits"].abs().max().item(), f"{what}: logits differ by {diff}"
     assert got["tokens"] == want["tokens"], f"{what}: {got['tokens']} != {want['tokens']}"
@@ -146,20 +156,30 @@ def tiny_paths(tmp_path_factory) -> dict[str, Path]:
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
 
 
+def dev_questions(n: int = 8) -> list[str]:
+    """The first n SQuAD dev questions of ../shared/data, as plain prompts."""
+    with open(SHARED / "data" / "tasks" / "squad_dev.jsonl", encoding="utf-8") as f:
+        return [f"Question: {json.loads(line)['question']}\nAnswer:" for line, _ in zip(f, range(n))]
+
+
 def _jobs(tiny_paths) -> dict[str, list]:
-    # The default model in fp32 weights: the int4 kernels quantize activations to int8, so the
-    # all-reduce's different summation order can flip a rounding and the native path is not
-    # fp32-comparable.
+    # The default model in fp32 weights on the per-module path: the int4 kernels quantize
+    # activations to int8, so the all-reduce's different summation order can flip a rounding.
+    # On native weights the ranks run the native step, split so that no sum is cut.
     default = _cfg(None, weights="float")
     return {
         "tiny": [
-            (_cfg(str(tiny_paths["llama"])), _par("tp"), PROMPT_IDS),
-            (_cfg(str(tiny_paths["llama_q8"])), _par("tp"), PROMPT_IDS),  # int8 codes cut along K
-            (_cfg(str(tiny_paths["qwen2"])), _par("tp"), PROMPT_IDS),  # q/k/v biases split too
-            (_cfg(str(tiny_paths["llama"])), _par("pp"), PROMPT_IDS),
-            (_cfg(str(tiny_paths["llama_q8"])), _par("pp", num_micro_batches=3), PROMPT_IDS),
+            (_cfg(str(tiny_paths["llama"])), _par("tp"), PROMPT_IDS, 8),
+            (_cfg(str(tiny_paths["llama_q8"])), _par("tp"), PROMPT_IDS, 8),  # native step
+            (_cfg(str(tiny_paths["qwen2"])), _par("tp"), PROMPT_IDS, 8),  # q/k/v biases split too
+            (_cfg(str(tiny_paths["llama"])), _par("pp"), PROMPT_IDS, 8),
+            (_cfg(str(tiny_paths["llama_q8"])), _par("pp", num_micro_batches=3), PROMPT_IDS, 8),
         ],
-        "default": [(default, _par("tp"), DEFAULT_PROMPTS), (default, _par("pp"), DEFAULT_PROMPTS)],
+        "default": [
+            (default, _par("tp"), DEFAULT_PROMPTS, 8),
+            (default, _par("pp"), DEFAULT_PROMPTS, 8),
+        ],
+        "native": [(_cfg(None), _par("tp"), dev_questions(), 48)],
     }
 
 
@@ -175,17 +195,28 @@ def two_rank_runs(tiny_paths) -> dict[str, list[tuple[tuple, dict]]]:
 
 @pytest.mark.timeout(400)
 def test_tiny_models_tp_and_pp_match_single_process(two_rank_runs):
-    for (cfg, par, prompts), got in two_rank_runs["tiny"]:
-        _check_same(got, _reference(cfg, prompts), f"{cfg.model} {par}")
+    for (cfg, par, prompts, n), got in two_rank_runs["tiny"]:
+        _check_same(got, _reference(cfg, par, prompts, n), f"{cfg.model} {par}")
 
 
 @pytest.mark.timeout(400)
 def test_default_model_tp_and_pp_match_single_process(two_rank_runs, smollm_float):
-    (cfg, _, prompts), _ = two_rank_runs["default"][0]
+    (cfg, _, prompts, n), _ = two_rank_runs["default"][0]
     model, tok = smollm_float.engine.runner.model, smollm_float.tokenizer
-    want = _job_result(engine_for_model(model, tok, cfg), prompts)  # the session's float model
-    for (_, par, _), got in two_rank_runs["default"]:
+    want = _job_result(engine_for_model(model, tok, cfg), prompts, n)  # the session's float model
+    for (_, par, _, _), got in two_rank_runs["default"]:
         _check_same(got, want, f"default model {par}")
+
+
+@pytest.mark.timeout(400)
+def test_default_model_native_tp_same_answer_as_one_process(two_rank_runs):
+    """`serve -tp 2` on the file's own Q4_1/Q8_0 blocks: every rank runs the native step on its
+    heads, MLP channels, rows and vocabulary, and its outputs are gathered, never summed, so the
+    8 dev questions' 48 greedy tokens and the prefill logits are bit-identical to one process."""
+    (cfg, par, prompts, n), got = two_rank_runs["native"][0]
+    want = _reference(cfg, par, prompts, n)
+    assert want["native"] and got["native"]
+    _check_same(got, want, "default model, native weights, -tp 2")
 
 
 def test_each_rank_holds_only_its_slice(tiny_paths):
