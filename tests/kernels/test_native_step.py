@@ -121,10 +121,11 @@ class HalfRoundedKVCache(KVCache):
 
 
 def step_logits(
-    model, chunks: list[list[int]], config, int8_kv: bool = False
+    model, chunks: list[list[int]], config, int8_kv: bool = False, num_layers: int | None = None
 ) -> list[torch.Tensor]:
     """Prefill chunks[0], then each further chunk as one step; block size 4 so that contexts
-    cross block boundaries; logits of every token. int8_kv: both models on an Int8KVCache."""
+    cross block boundaries; logits of every token (after the first num_layers layers when
+    given). int8_kv: both models on an Int8KVCache."""
     block = 4
     total = sum(len(c) for c in chunks)
     n_blocks = total // block + 2
@@ -145,7 +146,7 @@ def step_logits(
     with torch.inference_mode():
         for chunk in chunks:
             meta = build_attention_metadata([pos], [len(chunk)], [table], block)
-            out.append(model(torch.tensor(chunk), meta, cache))
+            out.append(model(torch.tensor(chunk), meta, cache, None, num_layers))
             pos += len(chunk)
     return out
 
@@ -173,6 +174,24 @@ def test_native_model_matches_float_model_with_rounded_activations(tmp_path, arc
     plain = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
     unrounded = torch.cat(step_logits(plain, chunks, ckpt.config))
     assert (unrounded - want).abs().max().item() > 1e-3 * scale
+
+
+def test_native_model_first_layers_match_float_model(tmp_path):
+    """num_layers=k (a self-draft) runs the first k layers, then the final norm and the head:
+    against the rounded float model's first k blocks, prefill and decode."""
+    ckpt = read_gguf(write_gguf(hf_model("llama", seed=4), "llama", tmp_path / "m.gguf", "Q4_1"))
+    ref = build_model(ckpt, torch.device("cpu"), torch.float32, "float")
+    fake_quant_linear_inputs(ref)
+    native = build_native_step(ckpt, threads=2)
+    chunks = [[3, 14, 15, 92, 65, 35, 89], [79], [32], [38]]
+    c = ckpt.config
+    whole = torch.cat(step_logits(native, chunks, c))
+    for k in (1, c.n_layers - 1):
+        got = torch.cat(step_logits(native, chunks, c, num_layers=k))
+        assert_close_rows(got, torch.cat(step_logits(ref, chunks, c, num_layers=k)))
+        assert (got - whole).abs().max() > 1e-2 * whole.abs().max()
+    with pytest.raises(RuntimeError, match="num_layers must be in 1"):
+        step_logits(native, chunks, c, num_layers=c.n_layers + 1)
 
 
 def test_native_model_long_context_splits_attention(tmp_path):
