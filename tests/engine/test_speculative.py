@@ -119,3 +119,33 @@ def test_alone_equals_batched_and_prefix_cache_hits(engines):
     assert spec.engine.block_pool.prefix_hits > hits  # the prompts came back from the cache
     assert [a.token_ids for a in alone] == [b.token_ids for b in batched]
     assert_no_leaks(spec)
+
+
+@pytest.fixture(scope="module")
+def model_proposers(smollm_native, smollm_path):
+    """layerskip:20 on the native step (it shares the target's KV cache), and the default model
+    as its own draft (a second native model with its own cache)."""
+    kw = dict(max_model_len=512, cache=CacheConfig(num_blocks=400, block_size=4))
+    return {
+        "layerskip": engine_variant(smollm_native, speculative_method="layerskip:20", **kw),
+        "draft": engine_variant(smollm_native, speculative_method=f"draft:{smollm_path}", **kw),
+    }
+
+
+@pytest.mark.parametrize("method", ["layerskip", "draft"])
+def test_model_proposers_same_tokens_on_the_default_model(engines, model_proposers, method):
+    base, spec = engines[0], model_proposers[method]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
+    want, got = outputs(base, params), outputs(spec, params)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids
+        assert [lp.logprob for lp in g.logprobs] == [lp.logprob for lp in w.logprobs]
+    s = spec.engine.spec_stats()
+    assert s["proposed"] > 20, s
+    if method == "draft":  # the same bits propose what the target samples
+        assert s["accepted"] == s["proposed"], s
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=3)
+    assert [g.token_ids for g in outputs(spec, seeded)] == [
+        w.token_ids for w in outputs(base, seeded)
+    ]
+    assert_no_leaks(spec)
