@@ -372,6 +372,13 @@ class AsyncEngine:
         _sync_counter(m.spec_draft_tokens, e.num_spec_proposed)
         _sync_counter(m.spec_accepted_tokens, e.num_spec_accepted)
         _sync_counter(m.spec_propose_seconds, e.spec_propose_seconds)
+        if e.speculating:
+            spec = e.spec_stats()
+            _sync_counter(m.spec_drafts, spec["drafts"])
+            _sync_counter(m.spec_draft_seconds, spec["draft_s"])
+            _sync_counter(m.spec_verify_seconds, spec["verify_s"])
+            m.spec_acceptance_rate.set(spec["acceptance_rate"])
+            m.spec_mean_accepted_length.set(spec["mean_accepted_length"])
 
 
 def _abort_output(rid: str, stream: _Stream, request) -> RequestOutput:

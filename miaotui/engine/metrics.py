@@ -54,7 +54,25 @@ class EngineMetrics:
             "miaotui_spec_decode_num_accepted_tokens", "Proposed tokens accepted"
         )
         self.spec_propose_seconds = counter(
-            "miaotui_spec_decode_propose_seconds", "Time spent proposing tokens"
+            "miaotui_spec_decode_propose_seconds",
+            "Time spent proposing tokens (prompt lookup or the draft model)",
+        )
+        self.spec_drafts = counter(
+            "miaotui_spec_decode_num_drafts", "Proposal runs scored (one per request and step)"
+        )
+        self.spec_draft_seconds = counter(
+            "miaotui_spec_decode_draft_seconds", "Time in the draft model's forward passes"
+        )
+        self.spec_verify_seconds = counter(
+            "miaotui_spec_decode_verify_seconds",
+            "Time in forward passes that scored proposals, and in their verification",
+        )
+        self.spec_acceptance_rate = gauge(
+            "miaotui_spec_decode_acceptance_rate", "Accepted / proposed tokens so far"
+        )
+        self.spec_mean_accepted_length = gauge(
+            "miaotui_spec_decode_mean_accepted_length",
+            "Accepted tokens per scored proposal run so far (a step yields 1 + this)",
         )
         self.ttft = histogram("miaotui_time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("miaotui_inter_token_latency_seconds", "Time between output tokens")

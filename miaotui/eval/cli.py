@@ -101,6 +101,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
         **asdict(r),
         "weights_mib": weight_bytes(llm.engine.runner.model) / 2**20,
     }
+    if a.speculative_method:  # over all the runs above (decode, batch); None: turned itself off
+        result["speculative"] = llm.engine.spec_stats()
     _emit(result, a.json)
 
 

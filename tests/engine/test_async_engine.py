@@ -264,10 +264,12 @@ def test_shutdown_fails_pending_consumers(tiny, monkeypatch):
     asyncio.run(main())
 
 
-def test_speculation_counters_reach_metrics(tiny):
+@pytest.mark.parametrize("method", ["ngram", "layerskip:1"])
+def test_speculation_counters_reach_metrics(tiny, method):
     """/metrics counts scored proposals and accepted ones: a repeating prompt on a tiny model
-    proposes from its own earlier tokens; the counters equal the engine's totals."""
-    eng = make_engine(tiny, speculative_method="ngram")
+    proposes from its own earlier tokens (ngram) or its first layer (layerskip); the counters
+    and gauges equal the engine's totals."""
+    eng = make_engine(tiny, speculative_method=method)
     try:
         asyncio.run(collect(eng, [5, 6, 7, 8] * 8, greedy(24), "spec"))
         wait_all_free(eng)
@@ -281,5 +283,20 @@ def test_speculation_counters_reach_metrics(tiny):
             f'miaotui_spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(e.num_spec_accepted)}'
             in text
         )
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("miaotui_spec_decode")
+        }
+        s = e.spec_stats()
+        assert values["miaotui_spec_decode_num_drafts_total"] == s["drafts"] > 0
+        assert values["miaotui_spec_decode_acceptance_rate"] == pytest.approx(
+            e.num_spec_accepted / e.num_spec_proposed
+        )
+        assert values["miaotui_spec_decode_mean_accepted_length"] == pytest.approx(
+            e.num_spec_accepted / s["drafts"]
+        )
+        assert values["miaotui_spec_decode_verify_seconds_total"] > 0
+        assert (values["miaotui_spec_decode_draft_seconds_total"] > 0) == (method != "ngram")
     finally:
         eng.shutdown()
