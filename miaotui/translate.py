@@ -26,6 +26,10 @@ MAX_SENTENCES = 200
 default (SchedulerConfig.max_waiting); longer documents go in several calls."""
 MIN_TOKENS = 16
 """Tokens a translation may take beyond twice its source's."""
+LOOP_COPIES, LOOP_SPAN, LOOP_UNIT = 3, 24, 24
+"""A translation that repeats a piece of text of u <= LOOP_UNIT characters, in a row, at least
+max(LOOP_COPIES, LOOP_SPAN / u) times is babbling (small models fall into such loops): it ends
+after the piece's first copy. A sentence rarely repeats 8 characters three times in a row."""
 
 # Example pairs of the few-shot prompt, one list per target language.
 _EXAMPLE_SOURCES = (
@@ -155,33 +159,85 @@ def sampling_params(sentence: str, tokenizer, config: TranslationConfig) -> Samp
 
 
 def clean_output(text: str) -> str:
-    """The translation alone: surrounding whitespace and quotes removed."""
-    line = text.strip().split("\n")[0].strip()
+    """The translation alone: its first line up to a loop (`loop_cut`), surrounding whitespace
+    and quotes removed. The cut depends only on the text up to the loop's last copy, so a
+    request stopped there (translate_sentences) and one that ran on give the same line."""
+    line = text.lstrip().split("\n")[0]
+    cut = loop_cut(line)
+    line = line.strip() if cut is None else line[:cut].rstrip(" ,;:")
     if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
         line = line[1:-1].strip()
     return line
 
 
+def _loop_patterns() -> list[tuple[int, int]]:
+    """(unit length, copies in a row that make a loop) for every unit length."""
+    return [(u, max(LOOP_COPIES, -(-LOOP_SPAN // u))) for u in range(1, LOOP_UNIT + 1)]
+
+
+_LOOPS = [(u, c, re.compile(f"(.{{{u}}})\\1{{{c - 1}}}", re.S)) for u, c in _loop_patterns()]
+_ANY_LOOP = re.compile(  # one search for all unit lengths; group i + 1 is unit length i + 1's
+    "|".join(f"(.{{{u}}})\\{i + 1}{{{c - 1}}}" for i, (u, c) in enumerate(_loop_patterns())),
+    re.S,
+)
+_LOOP_WINDOW = max(u * c for u, c in _loop_patterns())
+"""The longest loop in characters: a loop ending in new text starts at most this far back."""
+
+
+def loop_cut(line: str) -> int | None:
+    """Where a babbling line ends: after the first copy of the run of repeated copies that is
+    complete first (then on to the next space within one more copy, so words stay whole); None
+    if the line does not loop. For a fixed unit length every run has the same length, so the
+    leftmost run is also the first complete one."""
+    best = None  # (end of the run, cut)
+    for u, copies, pattern in _LOOPS:
+        m = pattern.search(line)
+        if m and (best is None or m.start() + u * copies < best[0]):
+            cut = m.start() + u
+            space = line.find(" ", cut, cut + u)
+            best = (m.start() + u * copies, cut if space < 0 else space)
+    return None if best is None else best[1]
+
+
 def translate_sentences(llm, sentences: list[str], config: TranslationConfig) -> list[str]:
     """Every sentence submitted to the `LLM`'s engine at once (one continuous batch), after
-    their shared instruction; the translations in order."""
+    their shared instruction; the translations in order. The longest sentences go first, so the
+    longest translations are not the last ones left running in a small batch; a translation
+    that falls into a loop (`loop_cut`) is stopped there."""
     tok, engine = llm.tokenizer, llm.engine
     prompts = [tok.encode(sentence_prompt(s, tok, config)) for s in sentences]
     shared = shared_prefix(prompts)
     if len(prompts) > 1 and shared:
         llm.generate([shared], SamplingParams(max_tokens=1))  # computed once, then cached
-    ids: list[str] = []
+    params = [sampling_params(s, tok, config) for s in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: -len(prompts[i]))
+    ids: dict[str, int] = {}
+    texts = [""] * len(sentences)
+    checked: dict[str, int] = {}  # characters of a request's line already searched for loops
     try:
-        for sentence, prompt in zip(sentences, prompts):
-            ids.append(engine.add_request(prompt, sampling_params(sentence, tok, config)))
-        finals = {}
+        for i in order:
+            ids[engine.add_request(prompts[i], params[i])] = i
         while engine.has_unfinished():
-            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+            for o in engine.step():
+                if o.request_id not in ids:  # someone else's request on the same engine
+                    continue
+                texts[ids[o.request_id]] = o.text
+                if not o.finished and _looping(o.text, checked, o.request_id):
+                    engine.abort(o.request_id)
     except BaseException:
         for rid in ids:
             engine.abort(rid)
         raise
-    return [clean_output(finals[rid].text) for rid in ids]
+    return [clean_output(t) for t in texts]
+
+
+def _looping(text: str, checked: dict[str, int], request_id: str) -> bool:
+    """Whether the request's line now loops; only the text new since the last look (and one
+    loop's length before it) is searched."""
+    line = text.lstrip().split("\n")[0]
+    start = checked.get(request_id, 0)
+    checked[request_id] = len(line)
+    return _ANY_LOOP.search(line, max(0, start - _LOOP_WINDOW)) is not None
 
 
 def shared_prefix(prompts: list[list[int]]) -> list[int]:

@@ -18,6 +18,9 @@ from miaotui.errors import InvalidRequestError
 from miaotui.load.open import load_tokenizer, open_checkpoint
 from miaotui.translate import (
     TranslationConfig,
+    clean_output,
+    loop_cut,
+    sampling_params,
     sentence_prompt,
     shared_prefix,
     split_document,
@@ -87,6 +90,45 @@ def test_batched_equals_one_at_a_time(llm):
     assert together == alone
     assert all(together), together
     assert together != sentences
+
+
+def test_a_loop_ends_after_its_first_copy():
+    babble = "Je m'aime, m'adore, m'adore, m'adore, m'adore, m'adore, m'adore,"
+    assert clean_output(babble) == "Je m'aime, m'adore"
+    # The cut is the same for every prefix that already holds the loop: a request stopped as
+    # soon as it loops gives the text one that ran on to max_tokens gives (the server's path).
+    first = next(n for n in range(len(babble)) if loop_cut(babble[:n]) is not None)
+    assert {clean_output(babble[:n]) for n in range(first, len(babble) + 1)} == {
+        "Je m'aime, m'adore"
+    }
+    for fine in (
+        "Il est bien bien.",
+        "Je vais vrai, je vais vrai, je vais vrai.",
+        "Non, non, non et non !",
+        "Il a dit « très, très, très bien ».",
+        "Le 1 000 000 000 de francs.",
+    ):
+        assert loop_cut(fine) is None and clean_output(fine) == fine
+    assert clean_output('  "Bonjour."\nEnglish: x') == "Bonjour."
+
+
+def test_a_looping_translation_stops_early_with_the_text_it_would_have(llm):
+    """SmolLM2-135M falls into "m'adore, m'adore, ..." on this sentence: the batch stops it there,
+    and its translation is the one a request that ran to max_tokens gives after the cut."""
+    config = TranslationConfig("fr", max_tokens=96)
+    sentence = (
+        "You and the girls may go, or you may send them by themselves, which perhaps will be "
+        "still better, for as you are as handsome as any of them, Mr. Bingley may like you the "
+        "best of the party."
+    )
+    tok = llm.tokenizer
+    params = sampling_params(sentence, tok, config)
+    [full] = llm.generate([tok.encode(sentence_prompt(sentence, tok, config))], params)
+    assert loop_cut(full.text) is not None, full.text
+    before = llm.engine.num_generation_tokens
+    [stopped] = translate_sentences(llm, [sentence, "Yes."], config)[:1]
+    assert stopped == clean_output(full.text)
+    assert llm.engine.num_generation_tokens - before < len(full.token_ids) - 20
 
 
 def test_shared_prefix():
