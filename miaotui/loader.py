@@ -22,6 +22,7 @@ from miaotui.engine.draft import (
     check_same_tokenizer,
     draft_cache,
     layerskip_proposer,
+    step_costs,
 )
 from miaotui.engine.engine import LLMEngine
 from miaotui.engine.runner import ModelRunner, num_cache_blocks
@@ -125,5 +126,14 @@ def build_drafter(
         )
     draft = load_model(ckpt, dataclasses.replace(cfg, model=name, transforms=""), tokenizer)
     cache = draft_cache(draft, num_blocks, cfg.cache.block_size)
-    log.info("draft model %s: %d layers", ckpt.path.name, ckpt.config.n_layers)
-    return DraftProposer(draft, cache, cfg.cache.block_size)
+    k = cfg.scheduler.num_speculative_tokens
+    verify, cost = step_costs(runner.model, k, draft=draft)
+    if all(verify[i] + i * cost >= 1 + i for i in range(1, k + 1)):
+        log.warning(
+            "draft model %s: a pass costs %.2f of a target step; it cannot pay for itself even "
+            "when always right (a draft should be several times smaller)",
+            name,
+            cost,
+        )
+    log.info("draft model %s: %d layers, cost %.2f", ckpt.path.name, ckpt.config.n_layers, cost)
+    return DraftProposer(draft, cache, cfg.cache.block_size, verify_cost=verify, cost=cost)

@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,10 +53,23 @@ class DraftProposer:
     """Layer-skip: run only the first num_layers layers (then the final norm and head)."""
     max_tokens: int | None = None
     """Most proposals per step (layer-skip: the calibrated k); None: the engine's limit."""
-    seconds: float = 0.0
-    """Time in the draft's forward passes."""
+    verify_cost: list[float] = dataclasses.field(default_factory=list)
+    """verify_cost[k]: a target step scoring k proposals over a plain decode step (measured)."""
+    cost: float = 0.0
+    """A one-token draft pass over a plain target decode step (measured)."""
     calibration: list[dict] | None = None
     """Layer-skip calibration table, when the depth was chosen at load."""
+    seconds: float = 0.0
+    """Time in the draft's forward passes."""
+
+    def min_accepted(self, k: int) -> int:
+        """Accepted tokens a run of k proposals needs to pay for itself (1 + a >= verify_cost[k]
+        + k * cost); fewer count as a miss (engine/speculative.py backs off after misses).
+        Capped at k: a draft too costly to pay even when right is still used (warned at load)."""
+        if not self.verify_cost:
+            return 1
+        step = self.verify_cost[min(k, len(self.verify_cost) - 1)]
+        return min(k, max(1, math.ceil(step + k * self.cost - 1 - 1e-9)))
 
     @property
     def shares_cache(self) -> bool:
@@ -98,6 +112,7 @@ class DraftProposer:
                 out[i].append(t)
         for r, k in zip(reqs, ks):
             r.spec.draft_computed = r.num_tokens - 1 + k  # valid while its proposals are accepted
+            r.spec.min_accepted = self.min_accepted(k)
         return out
 
     def _greedy(self, reqs: list[Request], starts: list[int], chunks: list[list[int]]) -> list[int]:
@@ -168,12 +183,61 @@ def draft_cache(model, num_blocks: int, block_size: int) -> KVCache:
     return KVCache(c.n_layers, num_blocks * block_size, n_kv_heads, c.head_dim, dtype, device)
 
 
-# ---- layer-skip depth chosen by measured acceptance ------------------------------------------
+# ---- measured costs, and the layer-skip depth chosen by measured acceptance -------------------
 
 CALIBRATION_PROMPT = (
     "Explain in a few sentences how a bicycle works, then list three things to check before "
     "riding one."
 )
+
+
+class Scratch:
+    """A model on a KV cache of its own (one sequence, blocks 1..), for measurements at load."""
+
+    def __init__(self, model, num_tokens: int, block_size: int = 16):
+        c = model.config
+        self.model, self.bs, self.window = model, block_size, c.sliding_window
+        n_blocks = -(-num_tokens // block_size) + 1
+        n_kv_heads, dtype, self.device = model.kv_spec()
+        self.cache = KVCache(
+            c.n_layers, n_blocks * block_size, n_kv_heads, c.head_dim, dtype, self.device
+        )
+        self.table = list(range(1, n_blocks))  # block 0 is the null block
+
+    @torch.inference_mode()
+    def step(
+        self, ids: list[int], start: int, rows: list[int], num_layers: int | None = None
+    ) -> torch.Tensor:
+        meta = build_attention_metadata(
+            [start], [len(ids)], [self.table], self.bs, self.window, self.device
+        )
+        idx = torch.tensor(rows, dtype=torch.long)
+        return run_layers(self.model, torch.tensor(ids), meta, self.cache, idx, num_layers)
+
+    def seconds(self, n: int, start: int, num_layers: int | None = None, repeats: int = 3) -> float:
+        """Best of `repeats` steps of n tokens at positions start.. (the machine is shared)."""
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.step([0] * n, start, list(range(n)), num_layers)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def step_costs(
+    target, max_k: int, draft=None, num_layers: int | None = None, context: int = 64
+) -> tuple[list[float], float]:
+    """(verify, draft_cost): verify[k] = a target step of 1 + k tokens over a step of 1, for
+    k = 0..max_k; draft_cost = a one-token draft pass (`draft`, or the target's first num_layers
+    layers) over a target step of 1. Measured at a context of `context` tokens."""
+    scratch = Scratch(target, context + max_k + 2)
+    scratch.step([0] * context, 0, [context - 1])
+    t = [scratch.seconds(1 + k, context) for k in range(max_k + 1)]
+    if draft is not None:
+        scratch = Scratch(draft, context + 2)
+        scratch.step([0] * context, 0, [context - 1])
+    t_draft = scratch.seconds(1, context, num_layers)
+    return [x / t[0] for x in t], t_draft / t[0]
 
 
 def calibrate_layerskip(
@@ -190,68 +254,44 @@ def calibrate_layerskip(
     except Exception:  # a tokenizer without a chat template: the plain text
         text = CALIBRATION_PROMPT
     prompt = tokenizer.encode(text)[: c.max_seq_len // 2]
-    bs = 16
-    total = len(prompt) + new_tokens + max_k + 2
-    n_blocks = -(-total // bs) + 1
-    n_kv_heads, dtype, device = model.kv_spec()
-    cache = KVCache(c.n_layers, n_blocks * bs, n_kv_heads, c.head_dim, dtype, device)
-    table = list(range(1, n_blocks))  # block 0 is the null block
-
-    def step(ids: list[int], start: int, rows: list[int], num_layers: int | None = None):
-        meta = build_attention_metadata([start], [len(ids)], [table], bs, c.sliding_window, device)
-        idx = torch.tensor(rows, dtype=torch.long)
-        return run_layers(model, torch.tensor(ids), meta, cache, idx, num_layers)
-
-    def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    with torch.inference_mode():
-        seq = list(prompt)
-        nxt = int(step(seq, 0, [len(seq) - 1]).argmax())
-        for _ in range(new_tokens):  # the model's own greedy answer
-            seq.append(nxt)
-            nxt = int(step([nxt], len(seq) - 1, [0]).argmax())
-        answer = seq[len(prompt) :] + [nxt]
-        pos = len(seq)
-        t_step = {
-            n: timed(lambda n=n: step([0] * n, pos, list(range(n)))) for n in range(1, max_k + 2)
+    scratch = Scratch(model, len(prompt) + new_tokens + max_k + 2)
+    seq = list(prompt)
+    nxt = int(scratch.step(seq, 0, [len(seq) - 1]).argmax())
+    for _ in range(new_tokens):  # the model's own greedy answer
+        seq.append(nxt)
+        nxt = int(scratch.step([nxt], len(seq) - 1, [0]).argmax())
+    answer, pos = seq[len(prompt) :] + [nxt], len(seq)
+    t_step = {n: scratch.seconds(n, pos, repeats=repeats) for n in range(1, max_k + 2)}
+    rows = list(range(len(prompt) - 1, len(seq)))
+    table, best = [], (0.0, None, 1)
+    for n_layers in range(max(1, c.n_layers // 8), c.n_layers, max(1, c.n_layers // 8)):
+        guess = scratch.step(seq, 0, rows, n_layers).argmax(-1).tolist()  # rewrites layers < N
+        p = sum(g == a for g, a in zip(guess, answer)) / len(answer)
+        t_draft = scratch.seconds(1, pos, n_layers, repeats)
+        speedups = {
+            k: sum(p**i for i in range(k + 1)) * t_step[1] / (t_step[1 + k] + k * t_draft)
+            for k in range(1, max_k + 1)
         }
-        stride = max(1, c.n_layers // 8)
-        rows = list(range(len(prompt) - 1, len(seq)))
-        out, best = [], (0.0, None, 1)
-        for n_layers in range(stride, c.n_layers, stride):
-            guess = step(seq, 0, rows, n_layers).argmax(-1).tolist()  # rewrites layers < N only
-            p = sum(g == a for g, a in zip(guess, answer)) / len(answer)
-            t_draft = timed(lambda n=n_layers: step([0], pos, [0], n))
-            speedups = {
-                k: sum(p**i for i in range(k + 1)) * t_step[1] / (t_step[1 + k] + k * t_draft)
-                for k in range(1, max_k + 1)
+        k = max(speedups, key=speedups.get)
+        table.append(
+            {
+                "num_layers": n_layers,
+                "agreement": round(p, 3),
+                "draft_cost": round(t_draft / t_step[1], 3),
+                "k": k,
+                "est_speedup": round(speedups[k], 3),
             }
-            k = max(speedups, key=speedups.get)
-            out.append(
-                {
-                    "num_layers": n_layers,
-                    "agreement": round(p, 3),
-                    "draft_ms": round(t_draft * 1e3, 3),
-                    "k": k,
-                    "est_speedup": round(speedups[k], 3),
-                }
-            )
-            if speedups[k] > best[0]:
-                best = (speedups[k], n_layers, k)
+        )
+        if speedups[k] > best[0]:
+            best = (speedups[k], n_layers, k)
     chosen = best[1] if best[0] >= MIN_SPEEDUP else None
     log.info(
-        "layerskip calibration (step ms %s): %s -> %s",
+        "layerskip calibration (step ms by tokens %s): %s -> %s",
         {n: round(t * 1e3, 2) for n, t in t_step.items()},
-        out,
+        table,
         f"{chosen} layers, k={best[2]}" if chosen else "off (no depth pays for itself)",
     )
-    return chosen, best[2], out
+    return chosen, best[2], table
 
 
 def layerskip_proposer(
@@ -266,21 +306,26 @@ def layerskip_proposer(
             "cannot (use ngram, or --weights float/packed)",
             "speculative_method",
         )
-    if method != "layerskip":
+    calibration = None
+    if method == "layerskip":
+        n, max_k, calibration = calibrate_layerskip(model, tokenizer, max_k)
+        if n is None:
+            best = max(calibration, key=lambda r: r["est_speedup"], default=None)
+            log.warning(
+                "layerskip: no depth of the model's %d layers is estimated to pay for itself "
+                "(best %s); speculation is off",
+                n_layers,
+                best,
+            )
+            return None
+    else:
         n = int(method.removeprefix("layerskip:"))
         if not 1 <= n < n_layers:
             raise InvalidRequestError(
                 f"layerskip:{n}: the model has {n_layers} layers; give 1 <= N < {n_layers}",
                 "speculative_method",
             )
-        return DraftProposer(model, cache, block_size, num_layers=n)
-    n, k, table = calibrate_layerskip(model, tokenizer, max_k)
-    if n is None:
-        log.warning(
-            "layerskip: no depth of %d layers is estimated to pay for itself (best %s); "
-            "speculation is off",
-            n_layers,
-            max(table, key=lambda r: r["est_speedup"]) if table else None,
-        )
-        return None
-    return DraftProposer(model, cache, block_size, num_layers=n, max_tokens=k, calibration=table)
+    verify, cost = step_costs(model, max_k, num_layers=n)
+    return DraftProposer(
+        model, cache, block_size, n, max_k, verify_cost=verify, cost=cost, calibration=calibration
+    )

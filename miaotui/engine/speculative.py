@@ -19,7 +19,8 @@ How many tokens to propose adapts per request: one more than were accepted last 
 START_TOKENS, at most num_speculative_tokens), because on a CPU each extra scored token costs
 (a step of 1 + k tokens: ~1.5x at k = 2, ~2x at k = 4) and only long accepted runs pay for many.
 A request whose proposals keep failing backs off: after m proposals in a row with nothing
-accepted it skips 2^m steps (at most MAX_BACKOFF), so low-acceptance text pays almost nothing.
+accepted (for a draft model: fewer than pay for its passes) it skips 2^m steps (at most
+MAX_BACKOFF), so low-acceptance text pays almost nothing.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ class SpecState:
     still known (the engine takes the min with num_computed_tokens, and resets it to 0 when
     the request is (re-)admitted)."""
 
+    min_accepted: int = 1
+    """Accepted tokens the last proposal run needed to pay for itself (a draft model's passes
+    cost: engine/draft.py); fewer count as a miss."""
+
     def record(self, num_proposed: int, num_accepted: int) -> None:
         self.proposed += num_proposed
         self.accepted += num_accepted
         self.next_tokens = max(1, num_accepted + 1)
-        if num_accepted > 0:
+        if num_accepted >= self.min_accepted:
             self.misses = 0
             return
         self.misses += 1

@@ -156,9 +156,8 @@ def test_calibration_measures_agreement(tmp_path):
     agreement = {row["num_layers"]: row["agreement"] for row in table}
     assert set(agreement) == {1, 2, 3}
     assert agreement[2] == agreement[3] == 1.0 and agreement[1] < 1.0
-    for row in table:  # the estimate follows from the agreement: a 1.0 draft beats a worse one
-        assert 1 <= row["k"] <= 3 and row["est_speedup"] > 0
-    assert table[1]["est_speedup"] > table[0]["est_speedup"]
+    for row in table:  # (the speed-up estimates are timings: not compared here)
+        assert 1 <= row["k"] <= 3 and row["est_speedup"] > 0 and row["draft_cost"] > 0
 
 
 def test_layerskip_without_a_depth_is_same_output_whatever_it_chooses(base):
