@@ -61,6 +61,8 @@ class DraftProposer:
     """Layer-skip calibration table, when the depth was chosen at load."""
     seconds: float = 0.0
     """Time in the draft's forward passes."""
+    off: bool = False
+    """Calibration found that no depth pays for itself: the engine does not speculate."""
 
     def min_accepted(self, k: int) -> int:
         """Accepted tokens a run of k proposals needs to pay for itself (1 + a >= verify_cost[k]
@@ -296,9 +298,9 @@ def calibrate_layerskip(
 
 def layerskip_proposer(
     model, cache: KVCache, tokenizer: TextTokenizer, block_size: int, method: str, max_k: int
-) -> DraftProposer | None:
+) -> DraftProposer:
     """`layerskip:N` (N layers, up to max_k proposals) or `layerskip` (N and k calibrated;
-    None when no depth pays for itself)."""
+    `off` when no depth pays for itself)."""
     n_layers = model.config.n_layers
     if not supports_layerskip(model):
         raise InvalidRequestError(
@@ -317,7 +319,7 @@ def layerskip_proposer(
                 n_layers,
                 best,
             )
-            return None
+            return DraftProposer(model, cache, block_size, calibration=calibration, off=True)
     else:
         n = int(method.removeprefix("layerskip:"))
         if not 1 <= n < n_layers:

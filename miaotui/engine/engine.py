@@ -20,7 +20,7 @@ from miaotui.engine.request import Request, RequestStatus
 from miaotui.engine.runner import ModelRunner
 from miaotui.engine.sampler import SampledToken, make_generator, sample
 from miaotui.engine.scheduler import Scheduler, SchedulerConfig
-from miaotui.engine.speculative import propose_ngram
+from miaotui.engine.speculative import PROBE_EVERY, UNPAID_LIMIT, propose_ngram
 from miaotui.engine.structured import StructuredOutputs
 from miaotui.errors import InvalidRequestError
 from miaotui.sampling_params import SamplingParams
@@ -109,7 +109,7 @@ class LLMEngine:
         self.drafter = drafter
         """The model proposer of `draft:` / `layerskip` (engine/draft.py); None for ngram."""
         method = sched.speculative_method
-        self.speculating = method == "ngram" or (method is not None and drafter is not None)
+        self.speculating = method == "ngram" or (drafter is not None and not drafter.off)
         """False also when layerskip calibration found no depth that pays for itself."""
         self.tokenizer = tokenizer
         self.block_pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -132,6 +132,9 @@ class LLMEngine:
         self.spec_propose_seconds = 0.0
         """Proposing (prompt lookup, or the draft model's passes), in all."""
         self.spec_verify_seconds = 0.0
+        self.spec_unpaid = 0
+        """A draft model's proposal runs in a row (any request) that did not pay (speculative.py)."""
+        self._num_steps = 0
         """Forward passes that scored proposals, and their verification."""
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
@@ -184,7 +187,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        if self.drafter is not None:
+        if self.drafter is not None and self.speculating:
             t0 = time.perf_counter()
             for r in out.new:  # (re-)admitted: the draft's KV of its blocks is not its own
                 self.scheduler.requests[r.request_id].spec.draft_computed = 0
@@ -218,6 +221,9 @@ class LLMEngine:
             self.num_spec_proposed += n - 1
             self.num_spec_accepted += len(seq) - 1
             self.num_spec_drafts += n > 1
+            if n > 1:
+                paid = len(seq) - 1 >= st.request.spec.min_accepted
+                self.spec_unpaid = 0 if paid else self.spec_unpaid + 1
         if len(first) < logits.shape[0]:  # some request scored proposals
             self.spec_verify_seconds += time.perf_counter() - t_verify
         updated = self.scheduler.update_from_output(out, sampled)
@@ -238,6 +244,10 @@ class LLMEngine:
             k = min(k, self.drafter.max_tokens)
         if len(self.scheduler.running) > self.config.speculative_max_running:
             return
+        self._num_steps += 1
+        if self.drafter is not None and self.spec_unpaid >= UNPAID_LIMIT:
+            if self._num_steps % PROBE_EVERY:
+                return
         for req in self.scheduler.running:
             if req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1:
                 continue
@@ -265,6 +275,8 @@ class LLMEngine:
         }
         if self.drafter is not None and self.drafter.num_layers is not None:
             stats["layerskip_layers"] = self.drafter.num_layers
+        if self.drafter is not None and self.drafter.calibration is not None:
+            stats["calibration"] = self.drafter.calibration
         return stats
 
     def _verify(

@@ -20,7 +20,9 @@ START_TOKENS, at most num_speculative_tokens), because on a CPU each extra score
 (a step of 1 + k tokens: ~1.5x at k = 2, ~2x at k = 4) and only long accepted runs pay for many.
 A request whose proposals keep failing backs off: after m proposals in a row with nothing
 accepted (for a draft model: fewer than pay for its passes) it skips 2^m steps (at most
-MAX_BACKOFF), so low-acceptance text pays almost nothing.
+MAX_BACKOFF), so low-acceptance text pays almost nothing; with a draft model the engine also
+stops proposing for everyone (but a probe every PROBE_EVERY steps) once UNPAID_LIMIT runs in a
+row did not pay.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from dataclasses import dataclass
 
 MAX_BACKOFF = 16
 START_TOKENS = 2
+UNPAID_LIMIT = 8
+"""A draft model's runs in a row, across all requests, that did not pay for themselves: after
+this many the engine proposes only every PROBE_EVERY steps until one pays (each new request
+would otherwise pay its own back-off ramp, and a draft pass costs much more than a lookup)."""
+PROBE_EVERY = 32
 
 
 @dataclass

@@ -126,10 +126,13 @@ def model_proposers(smollm_native, smollm_path):
     """layerskip:20 on the native step (it shares the target's KV cache), and the default model
     as its own draft (a second native model with its own cache)."""
     kw = dict(max_model_len=512, cache=CacheConfig(num_blocks=400, block_size=4))
-    return {
+    out = {
         "layerskip": engine_variant(smollm_native, speculative_method="layerskip:20", **kw),
         "draft": engine_variant(smollm_native, speculative_method=f"draft:{smollm_path}", **kw),
     }
+    for llm in out.values():  # proposals then depend on the tokens only, not on timings
+        llm.engine.drafter.cost, llm.engine.drafter.verify_cost = 0.0, []
+    return out
 
 
 @pytest.mark.parametrize("method", ["layerskip", "draft"])
@@ -141,7 +144,7 @@ def test_model_proposers_same_tokens_on_the_default_model(engines, model_propose
         assert g.token_ids == w.token_ids
         assert [lp.logprob for lp in g.logprobs] == [lp.logprob for lp in w.logprobs]
     s = spec.engine.spec_stats()
-    assert s["proposed"] > 20, s
+    assert s["drafts"] >= 8, s  # UNPAID_LIMIT runs at least before any back-off
     if method == "draft":  # the same bits propose what the target samples
         assert s["accepted"] == s["proposed"], s
     seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=3)

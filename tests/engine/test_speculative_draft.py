@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from miaotui import LLM, CacheConfig, SamplingParams
-from miaotui.engine.draft import calibrate_layerskip
+from miaotui.engine.draft import DraftProposer, calibrate_layerskip
 from miaotui.errors import InvalidRequestError
 from tests import helpers
 from tests.helpers import engine_variant
@@ -53,6 +53,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def base(files) -> LLM:
     return LLM(str(files["target"]), **KW)
+
+
+def free(llm: LLM) -> LLM:
+    """Take the draft's measured cost away (every run with one accepted token counts as paid):
+    how often it proposes then depends on the tokens only, not on the machine's timings."""
+    llm.engine.drafter.cost, llm.engine.drafter.verify_cost = 0.0, []
+    return llm
 
 
 def greedy(n: int = 40) -> SamplingParams:
@@ -129,6 +136,29 @@ def test_draft_with_another_tokenizer_or_context_is_refused(base, files):
         engine_variant(base, speculative_method=f"draft:{files['short_context']}", **KW)
 
 
+def test_a_run_must_accept_what_the_draft_costs():
+    d = DraftProposer(None, None, 4, verify_cost=[1.0, 1.2, 1.4, 1.6], cost=0.3)
+    # 1 + a >= verify_cost[k] + k * cost
+    assert [d.min_accepted(k) for k in (1, 2, 3)] == [1, 1, 2]
+    d.cost = 1.0  # as costly as the target: only runs accepted whole pay
+    assert [d.min_accepted(k) for k in (1, 2, 3)] == [1, 2, 3]
+    d.verify_cost = []
+    assert d.min_accepted(3) == 1
+
+
+def test_a_draft_that_never_pays_stops_proposing(base):
+    """One layer of four agrees with the model on almost nothing: after UNPAID_LIMIT runs in a
+    row the engine probes only every PROBE_EVERY steps, and the output is unchanged."""
+    from miaotui.engine.speculative import PROBE_EVERY, UNPAID_LIMIT
+
+    spec = free(engine_variant(base, speculative_method="layerskip:1", **KW))
+    assert tokens(spec, greedy(100)) == tokens(base, greedy(100))
+    s = spec.engine.spec_stats()
+    paid_runs = s["accepted"]  # at most one paid run per accepted token
+    assert s["drafts"] <= UNPAID_LIMIT + 100 // PROBE_EVERY * len(PROMPTS) + paid_runs * 5, s
+    assert s["drafts"] >= UNPAID_LIMIT
+
+
 @pytest.mark.parametrize("method", ["draft:", "layerskip:0", "layerskip:x", "lookahead"])
 def test_bad_method_names_are_refused(method):
     from miaotui.config import SchedulerConfig
@@ -163,8 +193,9 @@ def test_calibration_measures_agreement(tmp_path):
 def test_layerskip_without_a_depth_is_same_output_whatever_it_chooses(base):
     spec = engine_variant(base, speculative_method="layerskip", **KW)
     drafter = spec.engine.drafter
-    assert spec.engine.speculating == (drafter is not None)
-    if drafter is not None:
+    assert spec.engine.speculating == (not drafter.off)
+    assert spec.engine.spec_stats()["calibration"] == drafter.calibration
+    if not drafter.off:
         assert drafter.num_layers in {r["num_layers"] for r in drafter.calibration}
     assert tokens(spec, greedy()) == tokens(base, greedy())
     assert_no_leaks(spec)
@@ -243,6 +274,8 @@ def test_chi_square_sampled_tokens_keep_their_distribution(sampled, reference, m
     llm, path, prompt = sampled
     name = "ngram" if method == "ngram" else f"draft:{path}"
     spec = engine_variant(llm, speculative_method=name, **SAMPLED_KW)
+    if method == "draft":
+        free(spec)
     # other seeds than the reference's: independent samples, not the same draws replayed
     got = last_tokens(spec, prompt, range(2 * N_SAMPLES, 3 * N_SAMPLES), 1.0)
     s = spec.engine.spec_stats()
