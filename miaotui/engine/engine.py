@@ -111,6 +111,8 @@ class LLMEngine:
         method = sched.speculative_method
         self.speculating = method == "ngram" or (drafter is not None and not drafter.off)
         """False also when layerskip calibration found no depth that pays for itself."""
+        if method not in (None, "ngram") and drafter is None:
+            log.warning("speculative_method %s is not available here; speculation is off", method)
         self.tokenizer = tokenizer
         self.block_pool = BlockPool(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched, self.block_pool)
@@ -132,10 +134,10 @@ class LLMEngine:
         self.spec_propose_seconds = 0.0
         """Proposing (prompt lookup, or the draft model's passes), in all."""
         self.spec_verify_seconds = 0.0
+        """Forward passes that scored proposals, and their verification."""
         self.spec_unpaid = 0
         """A draft model's proposal runs in a row (any request) that did not pay (speculative.py)."""
-        self._num_steps = 0
-        """Forward passes that scored proposals, and their verification."""
+        self._num_propose_steps = 0
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -244,10 +246,10 @@ class LLMEngine:
             k = min(k, self.drafter.max_tokens)
         if len(self.scheduler.running) > self.config.speculative_max_running:
             return
-        self._num_steps += 1
+        self._num_propose_steps += 1
         if self.drafter is not None and self.spec_unpaid >= UNPAID_LIMIT:
-            if self._num_steps % PROBE_EVERY:
-                return
+            if self._num_propose_steps % PROBE_EVERY:
+                return  # nothing has paid lately: probe only now and then
         for req in self.scheduler.running:
             if req.matcher is not None or req.num_tokens - req.num_computed_tokens != 1:
                 continue
