@@ -19,8 +19,8 @@ What pays: a run of k proposals costs k draft passes and a step of 1 + k tokens;
 without a depth calibrates: the agreement of the first N layers' argmax with the model's on a
 greedy answer, for N in steps of n_layers / 8. SmolLM2-135M (not trained to exit early) agrees
 at N = 3, 6, .., 27 of 30 on 0.00, 0.02, 0.04, 0.10, 0.10, 0.12, 0.25, 0.31, 0.43 of the tokens,
-while an N-layer pass costs ~0.28 + 0.026 N of a one-token step (the 49k-row head is a fifth of the
-weights): the best estimate is 0.64x, so `layerskip` turns itself off there (`layerskip:N`
+while an N-layer pass costs ~0.28 + 0.026 N of a one-token step (the 49k-row head is a fifth
+of the weights): the best estimate is 0.64x, so `layerskip` turns itself off there (`layerskip:N`
 forces a depth: 0.74-0.81x in a rough 24-token run of bench/bench_speculative.py --methods
 layerskip:20 --prompts 1 --repeats 1 --new-tokens 24, load average 1.1).
 """
@@ -128,7 +128,7 @@ class DraftProposer:
         return out
 
     def _greedy(self, reqs: list[Request], starts: list[int], chunks: list[list[int]]) -> list[int]:
-        """One draft pass: each request's chunk at starts[i].. -> the argmax after its last token."""
+        """One draft pass: each request's chunk at starts[i].. -> the argmax after its end."""
         lens = [len(c) for c in chunks]
         meta = build_attention_metadata(
             starts,

@@ -136,7 +136,7 @@ class LLMEngine:
         self.spec_verify_seconds = 0.0
         """Forward passes that scored proposals, and their verification."""
         self.spec_unpaid = 0
-        """A draft model's proposal runs in a row (any request) that did not pay (speculative.py)."""
+        """A draft model's proposal runs in a row (any request) that did not pay for themselves."""
         self._num_propose_steps = 0
         self.structured = StructuredOutputs(tokenizer, runner.model.config.vocab_size)
 
