@@ -296,3 +296,21 @@ def test_chi_square_catches_a_verifier_that_accepts_every_proposal(sampled, refe
     monkeypatch.setattr(LLMEngine, "_verify", accept_all)
     got = last_tokens(spec, prompt, range(2 * N_SAMPLES, 3 * N_SAMPLES), 1.0)
     assert chi_square_p(reference, got) < 1e-3
+
+
+def test_cli_flags_reach_the_config(base):
+    import argparse
+
+    from miaotui.cli_args import add_engine_args, engine_config
+    from miaotui.errors import MiaotuiError
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = ["--speculative-method", "draft:/no/such/draft.gguf", "--num-speculative-tokens", "3"]
+    sched = engine_config(parser.parse_args(args)).scheduler
+    assert (sched.speculative_method, sched.num_speculative_tokens) == (
+        "draft:/no/such/draft.gguf",
+        3,
+    )
+    with pytest.raises(MiaotuiError, match="/no/such/draft.gguf"):
+        engine_variant(base, speculative_method=sched.speculative_method, **KW)
