@@ -22,6 +22,7 @@ from miaotui.translate import (
     loop_cut,
     sampling_params,
     sentence_prompt,
+    sentence_prompts,
     shared_prefix,
     split_document,
     translate_sentences,
@@ -77,6 +78,10 @@ def test_chat_models_get_the_template_base_models_few_shot():
     assert prompt.count("<|im_start|>user\n") == 4 and prompt.count("<|im_start|>assistant\n") == 4
     assert "<|im_start|>assistant\nIl fait beau aujourd'hui.<|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>user\nThe cat sleeps.<|im_end|>\n<|im_start|>assistant\n")
+    sentences = split_document(DOCUMENT).sentences
+    for tok in (chat, base):
+        want = [sentence_prompt(s, tok, config) for s in sentences]
+        assert sentence_prompts(sentences, tok, config) == want
     few = sentence_prompt("The cat sleeps.", base, config)
     assert few.endswith("English: The cat sleeps.\nFrench:")
     assert few.count("English:") == 4 and "<start_of_turn>" not in few
