@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "concurrency": a.requests,
         "prompt_tokens": a.prompt,
         "gen_tokens": a.gen,
+        "loadavg_before": os.getloadavg()[0],
     }
     for name in a.only.split(","):
         log(f"running {name}")
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             out[f"{other}_vs_{base}_throughput"] = round(
                 out[other]["output_tok_s"] / out[base]["output_tok_s"], 3
             )
+    out["loadavg_after"] = os.getloadavg()[0]
     print(json.dumps(out, indent=2))
 
 
