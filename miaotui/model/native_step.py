@@ -228,7 +228,9 @@ def build_native_step(
         rotary.sin.contiguous(),
         threads,
         isa,
-        None if shard is None else ops.Shard(
+        None
+        if shard is None
+        else ops.Shard(
             c.n_heads, c.intermediate_size, c.vocab_size, span("dim_rows", c.dim), shard.gather
         ),
     )

@@ -352,8 +352,10 @@ def build_native_tp_step(ckpt: Checkpoint, threads: int, comm: Comm) -> NativeSt
         dim_rows,
         [p.vocab for p in plans],
     )
-    widths = tuple(tuple(_len(r) * (D if stage == 0 else 1) for r in ranges)
-                   for stage, ranges in enumerate(per_rank))
+    widths = tuple(
+        tuple(_len(r) * (D if stage == 0 else 1) for r in ranges)
+        for stage, ranges in enumerate(per_rank)
+    )
     plan = plans[comm.rank]
     shard = NativeShard(
         heads=plan.heads,

@@ -27,9 +27,9 @@ from miaotui.engine.scheduler import SchedulerOutput
 from miaotui.errors import DistributedError, InvalidRequestError, MiaotuiError
 from miaotui.load.checkpoint import Checkpoint
 from miaotui.load.open import load_tokenizer, open_checkpoint
+from miaotui.loader import native_step_applies
 from miaotui.parallel.dist import Comm, ParallelConfig, init_distributed
 from miaotui.parallel.pp import PipelineInput, PipelineRunner, build_stage_model, stage_layers
-from miaotui.loader import native_step_applies
 from miaotui.parallel.tp import build_native_tp_step, build_tp_model, make_shard_plan
 
 log = logging.getLogger(__name__)

@@ -159,7 +159,9 @@ DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a
 def dev_questions(n: int = 8) -> list[str]:
     """The first n SQuAD dev questions of ../shared/data, as plain prompts."""
     with open(SHARED / "data" / "tasks" / "squad_dev.jsonl", encoding="utf-8") as f:
-        return [f"Question: {json.loads(line)['question']}\nAnswer:" for line, _ in zip(f, range(n))]
+        return [
+            f"Question: {json.loads(line)['question']}\nAnswer:" for line, _ in zip(f, range(n))
+        ]
 
 
 def _jobs(tiny_paths) -> dict[str, list]:
