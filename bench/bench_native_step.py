@@ -46,14 +46,14 @@ def q4_1(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 def linear(ops, threads: list[int]) -> dict:
     w = q4_1(1536, 576)
-    layers = {t: ops.BlockLinear(t, "auto") for t in threads}  # one pool per thread count
+    layers = {t: ops.BlockLinear(w, 3, 576, t, "auto") for t in threads}  # interleaved once
     out = {}
-    for n in (1, 16, 64, 512):
+    for n in (1, 16, 40, 64, 512):
         x = torch.randn(n, 576)
         for t in threads:
             layer = layers[t]
             inner = max(3, int(1e6 / (1536 * n)))
-            s = best_of(lambda layer=layer, x=x: layer(x, w, 3, 576, None), 7, inner)
+            s = best_of(lambda layer=layer, x=x: layer(x), 7, inner)
             out[f"N{n}_t{t}_gmac_s"] = round(1536 * 576 * n / s / 1e9, 1)
     return out
 
@@ -63,8 +63,8 @@ def stream(ops, threads: list[int]) -> dict:
     x = torch.randn(1, 576)
     out = {}
     for t in threads:
-        layer = ops.BlockLinear(t, "auto")
-        s = best_of(lambda layer=layer: layer(x, w, 3, 576, None), 9, 5)
+        layer = ops.BlockLinear(w, 3, 576, t, "auto")
+        s = best_of(lambda layer=layer: layer(x), 9, 5)
         out[f"t{t}_gb_s"] = round(w.numel() / s / 1e9, 1)
     return out
 

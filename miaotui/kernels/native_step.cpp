@@ -771,23 +771,24 @@ class NativeModel {
   std::vector<LinearItem> items_;
 };
 
-// y (N, M) = x W^T (+ bias) for one GGUF block weight (tests and kernel benchmarks).
+// y (N, M) = x W^T (+ bias) for one GGUF block weight, interleaved once at construction (tests
+// and kernel benchmarks).
 class BlockLinear {
  public:
-  BlockLinear(int64_t threads, const std::string& isa)
-      : k_(pick_kernels(isa)), pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))) {}
-  at::Tensor operator()(const at::Tensor& x_in, const at::Tensor& w_bytes, int64_t qtype, int64_t cols,
-                        const c10::optional<at::Tensor>& bias) {
-    const Weight w = make_linear(w_bytes, qtype, cols, "weight");
-    const at::Tensor x = x_in.reshape({-1, cols}).to(at::kFloat).contiguous();
+  BlockLinear(const at::Tensor& w_bytes, int64_t qtype, int64_t cols, int64_t threads, const std::string& isa)
+      : k_(pick_kernels(isa)),
+        pool_(std::make_unique<ThreadPool>(static_cast<int>(threads))),
+        w_(make_linear(w_bytes, qtype, cols, "weight")) {}
+  at::Tensor operator()(const at::Tensor& x_in, const c10::optional<at::Tensor>& bias) {
+    const at::Tensor x = x_in.reshape({-1, w_.cols}).to(at::kFloat).contiguous();
     const int64_t N = x.size(0);
     at::Tensor b;
-    if (bias.has_value()) b = f32_vector(bias->to(at::kFloat).contiguous(), w.rows, "bias");
-    quantize_all(*pool_, k_, x.data_ptr<float>(), N, cols, qa_);
-    at::Tensor out = at::empty({N, w.rows}, x.options());
+    if (bias.has_value()) b = f32_vector(bias->to(at::kFloat).contiguous(), w_.rows, "bias");
+    quantize_all(*pool_, k_, x.data_ptr<float>(), N, w_.cols, qa_);
+    at::Tensor out = at::empty({N, w_.rows}, x.options());
     std::vector<LinearItem> items;
-    add_items(items, w, out.data_ptr<float>(), w.rows, b.defined() ? b.data_ptr<float>() : nullptr,
-              item_rows(w.rows, N, pool_->size()));
+    add_items(items, w_, out.data_ptr<float>(), w_.rows, b.defined() ? b.data_ptr<float>() : nullptr,
+              item_rows(w_.rows, N, pool_->size()));
     run_linears(*pool_, k_, qa_, items);
     return out;
   }
@@ -796,6 +797,7 @@ class BlockLinear {
  private:
   const Kernels k_;
   std::unique_ptr<ThreadPool> pool_;
+  const Weight w_;
   QuantActs qa_;
 };
 
@@ -821,7 +823,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("threads", &NativeModel::threads)
       .def_property_readonly("isa", &NativeModel::isa);
   py::class_<BlockLinear>(m, "BlockLinear")
-      .def(py::init<int64_t, const std::string&>())
-      .def("__call__", &BlockLinear::operator(), py::call_guard<py::gil_scoped_release>())
+      .def(py::init<const at::Tensor&, int64_t, int64_t, int64_t, const std::string&>(), py::arg("w_bytes"),
+           py::arg("qtype"), py::arg("cols"), py::arg("threads"), py::arg("isa"))
+      .def("__call__", &BlockLinear::operator(), py::arg("x"), py::arg("bias") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("isa", &BlockLinear::isa);
 }

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from miaotui.kernels.build import load_native
+from miaotui.kernels.build import cpu_supports_kernels, load_native
 from miaotui.load.gguf_file import read_gguf
 from miaotui.model.attention import build_attention_metadata
 from miaotui.model.build import build_model
@@ -27,7 +27,15 @@ from miaotui.model.native_step import GGML_TYPES, build_native_step
 from tests.helpers import hf_model, write_gguf
 
 ops = load_native()
-pytestmark = pytest.mark.skipif(ops is None, reason="native step did not build here")
+# Only a CPU without AVX2 + FMA may go without the native step; a failed build is a failure.
+pytestmark = pytest.mark.skipif(not cpu_supports_kernels(), reason="no AVX2 + FMA on this CPU")
+
+
+@pytest.fixture(autouse=True)
+def native_built():
+    assert ops is not None, "the native step failed to build (see the warning logged above)"
+
+
 ISAS = ["avx2"] + (["vnni"] if ops is not None and ops.cpu_has_vnni() else [])
 
 
@@ -63,11 +71,11 @@ def test_block_linear_matches_gguf_dequantize(qtype: str, isa: str):
     m, k = 72, 576  # 18 blocks a row (odd tails of the 8-wide loops), rows not a multiple of 8
     w, deq = gguf_weight(qtype, m, k, seed=1)
     bias = torch.randn(m)
-    linear = ops.BlockLinear(2, isa)
+    linear = ops.BlockLinear(w, GGML_TYPES[qtype], k, 2, isa)
     for n in (1, 2, 3, 5, 17):
         x = torch.randn(n, k)
         want = quantize_rows_reference(x) @ deq.T + bias.double()
-        got = linear(x, w, GGML_TYPES[qtype], k, bias)
+        got = linear(x, bias)
         scale = want.abs().max().item()
         assert (got.double() - want).abs().max().item() < 2e-6 * scale, (qtype, n)
         # the reference is sharp: plain float activations are measurably further away
@@ -79,22 +87,23 @@ def test_block_linear_matches_gguf_dequantize(qtype: str, isa: str):
 def test_isas_bit_identical_and_rows_batch_invariant(qtype: str):
     w, _ = gguf_weight(qtype, 64, 256, seed=2)
     x = torch.randn(11, 256)
-    ref = ops.BlockLinear(1, "avx2")(x, w, GGML_TYPES[qtype], 256, None)
+    qt = GGML_TYPES[qtype]
+    ref = ops.BlockLinear(w, qt, 256, 1, "avx2")(x)
     for isa in ISAS:
         for threads in (1, 2):
-            got = ops.BlockLinear(threads, isa)(x, w, GGML_TYPES[qtype], 256, None)
+            got = ops.BlockLinear(w, qt, 256, threads, isa)(x)
             assert torch.equal(got, ref), (isa, threads)
+    alone = ops.BlockLinear(w, qt, 256, 1, ISAS[-1])
     for i in (0, 5, 10):  # a row alone is the same bits as in the batch of 11
-        alone = ops.BlockLinear(1, ISAS[-1])(x[i : i + 1], w, GGML_TYPES[qtype], 256, None)
-        assert torch.equal(alone[0], ref[i])
+        assert torch.equal(alone(x[i : i + 1])[0], ref[i])
 
 
 def test_bad_weight_is_a_clear_error():
     w, _ = gguf_weight("Q8_0", 8, 64, seed=3)
     with pytest.raises(RuntimeError, match="bytes per row"):
-        ops.BlockLinear(1, "avx2")(torch.randn(1, 96), w, GGML_TYPES["Q8_0"], 96, None)
+        ops.BlockLinear(w, GGML_TYPES["Q8_0"], 96, 1, "avx2")
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        ops.BlockLinear(1, "avx2")(torch.randn(1, 64), w, 12, 64, None)
+        ops.BlockLinear(w, 12, 64, 1, "avx2")
 
 
 # ---- the whole model ----------------------------------------------------------------------------
