@@ -28,7 +28,6 @@ layerskip:20 --prompts 1 --repeats 1 --new-tokens 24, load average 1.1).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 import math
@@ -140,22 +139,7 @@ class DraftProposer:
         )
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long)
         last = torch.tensor([e - 1 for e in itertools.accumulate(lens)], dtype=torch.long)
-        return (
-            run_layers(self.model, ids, meta, self.cache, last, self.num_layers).argmax(-1).tolist()
-        )
-
-
-def run_layers(model, ids, meta, cache, rows, num_layers: int | None) -> torch.Tensor:
-    """model(ids, meta, cache, rows), through its first num_layers layers when given."""
-    if num_layers is None:
-        return model(ids, meta, cache, rows)
-    return model(ids, meta, cache, rows, num_layers=num_layers)
-
-
-def supports_layerskip(model) -> bool:
-    """The model's forward takes `num_layers` (Transformer; NativeStepModel once it does)."""
-    fn = model.forward if isinstance(model, torch.nn.Module) else model.__call__
-    return "num_layers" in inspect.signature(fn).parameters
+        return self.model(ids, meta, self.cache, last, self.num_layers).argmax(-1).tolist()
 
 
 def check_same_tokenizer(target: TextTokenizer, draft: TextTokenizer, name: str) -> None:
@@ -224,7 +208,7 @@ class Scratch:
             [start], [len(ids)], [self.table], self.bs, self.window, self.device
         )
         idx = torch.tensor(rows, dtype=torch.long)
-        return run_layers(self.model, torch.tensor(ids), meta, self.cache, idx, num_layers)
+        return self.model(torch.tensor(ids), meta, self.cache, idx, num_layers)
 
     def seconds(self, n: int, start: int, num_layers: int | None = None, repeats: int = 3) -> float:
         """Best of `repeats` steps of n tokens at positions start.. (the machine is shared)."""
@@ -312,12 +296,6 @@ def layerskip_proposer(
     """`layerskip:N` (N layers, up to max_k proposals) or `layerskip` (N and k calibrated;
     `off` when no depth pays for itself)."""
     n_layers = model.config.n_layers
-    if not supports_layerskip(model):
-        raise InvalidRequestError(
-            f"layerskip needs a model that can stop after N layers; {type(model).__name__} "
-            "cannot (use ngram, or --weights float/packed)",
-            "speculative_method",
-        )
     calibration = None
     if method == "layerskip":
         n, max_k, calibration = calibrate_layerskip(model, tokenizer, max_k)
