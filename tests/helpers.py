@@ -390,33 +390,39 @@ def serve_subprocess(
     *args: str, timeout: float = 240
 ) -> Iterator[tuple[str, subprocess.Popen, Path]]:
     """`python -m miaotui.cli serve` in a subprocess with `args`; yields (base URL, process, log
-    path) once healthy, and stops the process afterwards if the caller has not."""
+    path) once healthy, and stops the process afterwards if the caller has not. The log lives in
+    a temporary directory, removed afterwards."""
     import sys
     import tempfile
 
     from bench.health import stop_process, wait_healthy
 
     port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="miaotui-serve-")) / "server.log"
-    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log, timeout=timeout)
-        yield url, proc, log
-    finally:
-        if proc.poll() is None:
-            stop_process(proc)
+    with tempfile.TemporaryDirectory(prefix="miaotui-serve-") as tmp:
+        log = Path(tmp) / "server.log"
+        cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), *args]
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proc, log, timeout=timeout)
+            yield url, proc, log
+        finally:
+            if proc.poll() is None:
+                stop_process(proc)
 
 
 @contextlib.contextmanager
 def miaotui_serve(*args: str, timeout: float = 240) -> Iterator[str]:
-    """`serve_subprocess` yielding just the base URL; afterwards checks that the server's log
-    holds no traceback."""
-    with serve_subprocess(*args, timeout=timeout) as (url, _, log):
+    """`serve_subprocess` yielding just the base URL; afterwards stops the server and checks
+    that its log holds no traceback."""
+    from bench.health import stop_process
+
+    with serve_subprocess(*args, timeout=timeout) as (url, proc, log):
         yield url
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        stop_process(proc)
+        text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
 
 
 # ---- the applications: a browser, Prometheus metrics, LibriVox clips ----------------------------------

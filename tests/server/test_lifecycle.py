@@ -382,6 +382,7 @@ def test_signal_drains_then_exits_0(sig):
             t.join(timeout=30)
         assert proc.wait(timeout=30) == 0
         elapsed = time.monotonic() - t0
+        output = log.read_text()  # the log's directory goes with the context
     status, events = short[0], [data for _, data in short[1:]]
     assert status == 200 and events[-1] == "[DONE]"
     assert short[-2][0] > t0  # it was in flight at the signal ...
@@ -395,6 +396,5 @@ def test_signal_drains_then_exits_0(sig):
     assert "6 s drain window" in final["error"]["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
     assert 6 <= elapsed < 40, elapsed
-    output = log.read_text()
     assert "Traceback" not in output, output[-3000:]
     assert "miaotui: stopped" in output

@@ -17,26 +17,21 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from bench.health import stop_process, wait_healthy
 from miaotui.config import CacheConfig, EngineConfig
 from miaotui.llm import LLM, GenerationResult
 from miaotui.sampling_params import SamplingParams
-from tests.helpers import REPO, engine_variant, free_port, serve_in_thread
+from tests.helpers import engine_variant, miaotui_serve, serve_in_thread
 from tests.helpers import prometheus_values as metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -56,28 +51,17 @@ def nonce() -> str:
 class Stack:
     url: str
     llm: LLM
-    log: Path
 
 
 @pytest.fixture(scope="module")
 def stack(smollm_native, one_thread):
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="miaotui-serve-")) / "server.log"
-    cmd = [sys.executable, "-m", "miaotui.cli", "serve", "--port", str(port), "--threads", "1"]
-    cmd += ["--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    try:
+    args = ("--threads", "1", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY)
+    with miaotui_serve(*args) as url:
         # The in-process reference: the session's native model, with a KV cache of its own.
         llm = engine_variant(
             smollm_native, max_model_len=MAX_MODEL_LEN, cache=CacheConfig(num_blocks=64)
         )
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc, log, timeout=240)
-        yield Stack(url, llm, log)
-    finally:
-        stop_process(proc)
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+        yield Stack(url, llm)
 
 
 @pytest.fixture(scope="module")
