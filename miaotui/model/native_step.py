@@ -159,6 +159,21 @@ class NativeShard:
     gather: Callable[[int, torch.Tensor], torch.Tensor]
     """gather(stage, local (N, w)) -> (N, full): every rank's part side by side."""
 
+    def linear_rows(self, head_dim: int) -> dict[str, tuple[int, int]]:
+        """The rows of each linear (and of the output head) this rank holds."""
+        q = (self.heads[0] * head_dim, self.heads[1] * head_dim)
+        kv = (self.kv_heads[0] * head_dim, self.kv_heads[1] * head_dim)
+        return {
+            "wq": q,
+            "wk": kv,
+            "wv": kv,
+            "wo": self.dim_rows,
+            "w_gate": self.ffn,
+            "w_up": self.ffn,
+            "w_down": self.dim_rows,
+            "output": self.vocab,
+        }
+
 
 def build_native_step(
     ckpt: Checkpoint, threads: int, isa: str = "auto", shard: NativeShard | None = None
@@ -174,22 +189,11 @@ def build_native_step(
         return None
     c = ckpt.config
     keep: list[torch.Tensor] = []
-    D = c.head_dim
-    whole = (0, None)
-    rows = {  # the rows of each linear this process holds (all in one process)
-        "wq": (shard.heads[0] * D, shard.heads[1] * D) if shard else whole,
-        "wk": (shard.kv_heads[0] * D, shard.kv_heads[1] * D) if shard else whole,
-        "wv": (shard.kv_heads[0] * D, shard.kv_heads[1] * D) if shard else whole,
-        "wo": shard.dim_rows if shard else whole,
-        "w_gate": shard.ffn if shard else whole,
-        "w_up": shard.ffn if shard else whole,
-        "w_down": shard.dim_rows if shard else whole,
-        "output": shard.vocab if shard else whole,
-    }
+    rows = shard.linear_rows(c.head_dim) if shard else {}  # one process: every row
 
     def raw(name: str, key: str | None = None) -> tuple[torch.Tensor, int]:
         src = ckpt.tensors[name]
-        start, stop = rows[key] if key else whole
+        start, stop = rows.get(key, (0, None))
         return _file_bytes(src)[start:stop], GGML_TYPES[src.qtype]
 
     def vec(name: str) -> torch.Tensor:
@@ -246,7 +250,7 @@ def build_native_step(
         for key in ("q", "k", "v"):
             bias = f"layers.{i}.attention.w{key}.bias"
             if bias in ckpt.tensors:
-                start, stop = rows[f"w{key}"]
+                start, stop = rows.get(f"w{key}", (0, None))
                 layer[f"b{key}"] = vec(bias)[start:stop].contiguous()
         native.add_layer(layer)
         for key, module in LINEARS.items():  # repacked: the file views' pages can go
