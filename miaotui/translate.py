@@ -26,12 +26,13 @@ MAX_SENTENCES = 200
 default (SchedulerConfig.max_waiting); longer documents go in several calls."""
 MIN_TOKENS = 16
 """Tokens a translation may take beyond twice its source's."""
-MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, BLOCK_SIZE = 64, 256, 4
+MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, BLOCK_SIZE = 64, 256, 1
 """`miaotui translate`'s engine (bench_translate's too): a document's sentences run together;
 256-token steps ran 5-10 % faster than 128 here; the instruction every sentence shares (119
 tokens for SmolLM2 into French) is a prefix-cache hit in whole blocks only, so with 16-token
-blocks each sentence recomputes 7 of its tokens (a fifth of the batch's prompt work), with 4 only
-3. The native step gives the same tokens whatever the block size."""
+blocks each sentence recomputes 7 of its tokens (a fifth of the batch's prompt work), with 4
+blocks 3 (batched 4 % slower than with 1-token blocks, which recompute none). The native step
+gives the same tokens whatever the block size."""
 LOOP_COPIES, LOOP_SPAN, LOOP_UNIT = 3, 24, 24
 """A translation that repeats a piece of text of u <= LOOP_UNIT characters, in a row, at least
 max(LOOP_COPIES, LOOP_SPAN / u) times is babbling (small models fall into such loops): it ends

@@ -184,20 +184,19 @@ inline void group_tile(const uint8_t* grp, int64_t nb, const int8_t* xq, int64_t
       const int8_t* x = xq + t * K + b * QK;
       // values 4c..4c+3 (Q8_0) or, for Q4, the order the nibbles were split in: loads 0..3 are
       // values 4p.., loads 4..7 values 16 + 4p..
-      __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
-      for (int c = 0; c < 8; c += 2) {
-        const int8_t* x0 = QT == QT_Q8_0 ? x + 4 * c : x + (c < 4 ? 4 * c : 16 + 4 * (c - 4));
-        const int8_t* x1 = QT == QT_Q8_0 ? x + 4 * (c + 1) : x + (c + 1 < 4 ? 4 * (c + 1) : 16 + 4 * (c - 3));
+      __m256i p[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+      for (int c = 0; c < 8; ++c) {
+        const int8_t* xc = QT == QT_Q8_0 ? x + 4 * c : x + (c < 4 ? 4 * c : 16 + 4 * (c - 4));
         if constexpr (QT == QT_Q8_0) {
-          p0 = dot4_add(p0, u[c], _mm256_sign_epi8(bcast4(x0), w[c]));
-          p1 = dot4_add(p1, u[c + 1], _mm256_sign_epi8(bcast4(x1), w[c + 1]));
+          p[c % 4] = dot4_add(p[c % 4], u[c], _mm256_sign_epi8(bcast4(xc), w[c]));
         } else {
-          p0 = dot4_add(p0, u[c], bcast4(x0));
-          p1 = dot4_add(p1, u[c + 1], bcast4(x1));
+          p[c % 4] = dot4_add(p[c % 4], u[c], bcast4(xc));
         }
       }
+      const __m256i psum = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
       const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(xd[t * (K / QK) + b]));
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), scale, acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(psum), scale, acc[t]);
       if constexpr (QT != QT_Q8_0) acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[t * (K / QK) + b]), acc[t]);
     }
   }
@@ -212,15 +211,16 @@ constexpr int TILE_T = 8;
 constexpr int TILE_T = 2;
 #endif
 
-// Rows [r0, r0 + 8) (fewer in a last, padded group) of out (N, ldo) for all activation rows.
+// Rows [r0, r0 + 8) (fewer in a last, padded group) of out (N, ldo) for activation rows
+// [n0, n1).
 template <int QT>
-inline void group_x_acts(const uint8_t* grp, int64_t valid, const QuantActs& a, int64_t r0, float* out, int64_t ldo,
-                         const float* bias) {
+inline void group_x_acts(const uint8_t* grp, int64_t valid, const QuantActs& a, int64_t n0, int64_t n1, int64_t r0,
+                         float* out, int64_t ldo, const float* bias) {
   const int64_t K = a.K, nb = K / QK;
   __m256 res[TILE_T];
   alignas(32) float lanes[8];
-  for (int64_t t0 = 0; t0 < a.N; t0 += TILE_T) {
-    const int T = static_cast<int>(std::min<int64_t>(TILE_T, a.N - t0));
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE_T) {
+    const int T = static_cast<int>(std::min<int64_t>(TILE_T, n1 - t0));
     const int8_t* xq = a.q.data() + t0 * K;
     const float* xd = a.d.data() + t0 * nb;
     const float* xs = a.s.data() + t0 * nb;
@@ -252,20 +252,32 @@ inline void group_x_acts(const uint8_t* grp, int64_t valid, const QuantActs& a, 
   }
 }
 
-constexpr int PREFETCH_GROUPS = 1;  // software prefetch distance, in row groups
+// Software prefetch of the next row group's weights, for products with fewer than
+// PREFETCH_BELOW activation rows: a decode streams its weights from DRAM (the hardware prefetcher
+// alone leaves it ~25 % slower); a larger batch reuses each group for every row, and the
+// prefetches were 4 % of a batched translation's time (perf), waiting on the miss buffers.
+constexpr int PREFETCH_GROUPS = 1;  // distance, in row groups
+constexpr int64_t PREFETCH_BELOW = 16;
+// Activation bytes per pass over an item's rows: a prefill's rows are taken in chunks that stay
+// in L1 while each row group of the item meets them (all rows at once would read the whole
+// (N, K) activation matrix from L2 for every 8 weight rows).
+constexpr int64_t ACT_CHUNK_BYTES = 24 * 1024;
 
 // Rows [m0, m1) of y (N, ldo) = x W^T (+ bias) for one weight; m0 is a multiple of 8.
 template <int QT>
 void linear_rows_qt(const Weight& W, const QuantActs& a, int64_t m0, int64_t m1, float* out, int64_t ldo,
                     const float* bias) {
-  for (int64_t r = m0; r < m1; r += ROW_GROUP) {
-    const uint8_t* grp = W.data + (r / ROW_GROUP) * W.group_bytes;
-    if constexpr (PREFETCH_GROUPS > 0) {  // the hardware prefetcher alone leaves decode ~25 % slower
-      if (r + (PREFETCH_GROUPS + 1) * ROW_GROUP <= m1)
+  const bool prefetch = PREFETCH_GROUPS > 0 && a.N < PREFETCH_BELOW;
+  const int64_t chunk = std::max<int64_t>(TILE_T, ACT_CHUNK_BYTES / a.K / TILE_T * TILE_T);
+  for (int64_t n0 = 0; n0 < a.N; n0 += chunk) {
+    const int64_t n1 = std::min(a.N, n0 + chunk);
+    for (int64_t r = m0; r < m1; r += ROW_GROUP) {
+      const uint8_t* grp = W.data + (r / ROW_GROUP) * W.group_bytes;
+      if (prefetch && r + (PREFETCH_GROUPS + 1) * ROW_GROUP <= m1)
         for (int64_t off = 0; off < W.group_bytes; off += 64)
           _mm_prefetch(reinterpret_cast<const char*>(grp + PREFETCH_GROUPS * W.group_bytes + off), _MM_HINT_T0);
+      group_x_acts<QT>(grp, std::min(ROW_GROUP, m1 - r), a, n0, n1, r, out, ldo, bias);
     }
-    group_x_acts<QT>(grp, std::min(ROW_GROUP, m1 - r), a, r, out, ldo, bias);
   }
 }
 
@@ -362,6 +374,47 @@ inline void softmax_row(float* sc, int64_t n, float* m, float* l) {
   *l = sum;
 }
 
+// Decode attention's P V for the GG query heads of KV head hk: each slot's V row is read (and
+// converted) once for all of them, as the K rows are for the scores. Per head the same products
+// in the same order as one head at a time (o += p_j v_j, j ascending): the same bits. Keys below
+// `prefetch_to` - AHEAD are fetched ahead (the first KV head's pass; its row holds every head).
+// GG * NV accumulators: 24 of AVX-512VL's 32 vector registers for 3 heads at D = 64.
+#if MIAOTUI_VNNI
+constexpr int PV_GROUP_MAX = 3;
+#else
+constexpr int PV_GROUP_MAX = 1;  // 16 registers: one head at a time
+#endif
+template <int NV, int GG, bool I8, typename Elem>
+void decode_pv_group(const float* scores, int64_t n, const Elem* vc, const int64_t* slots, int64_t kv_stride,
+                     int64_t hk, int64_t D, const float* v_scale, int64_t HK, int64_t prefetch_to, float* acc) {
+  constexpr int64_t AHEAD = 16;
+  __m256 o[GG][NV];
+  for (int g = 0; g < GG; ++g)
+    for (int c = 0; c < NV; ++c) o[g][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + AHEAD < prefetch_to) {
+      const char* p = reinterpret_cast<const char*>(vc + slots[j + AHEAD] * kv_stride);
+      for (int64_t off = 0; off < kv_stride * static_cast<int64_t>(sizeof(Elem)); off += 64)
+        _mm_prefetch(p + off, _MM_HINT_T0);
+    }
+    __m256 pj[GG];
+    for (int g = 0; g < GG; ++g) pj[g] = _mm256_set1_ps(scores[g * KV_SPLIT + j]);
+    const Elem* row = vc + slots[j] * kv_stride + hk * D;
+    for (int c = 0; c < NV; ++c) {
+      __m256 v;
+      if constexpr (I8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
+        v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_set1_ps(v_scale[slots[j] * HK + hk]));
+      } else {
+        v = load_half8(row + 8 * c);
+      }
+      for (int g = 0; g < GG; ++g) o[g][c] = _mm256_fmadd_ps(pj[g], v, o[g][c]);
+    }
+  }
+  for (int g = 0; g < GG; ++g)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, o[g][c]);
+}
+
 // One attention work item: T consecutive query tokens of one sequence, all H = HK * G query
 // heads (row r = t * H + h, head h = kv head h / G; token t's heads at q + t * q_stride),
 // against keys [0, n_keys[t]) of one split of the context (`slots`: the split's cache slots,
@@ -432,6 +485,15 @@ void attend_tile_nv(const float* q, int64_t q_stride, int64_t T, int64_t HK, int
       if (n_keys[t] > 0) softmax_row(scores + r * KV_SPLIT, n_keys[t], m + r, l + r);
     }
   for (int64_t j = 0; j < AHEAD; ++j) prefetch_row(vc, j);
+  if constexpr (PV_GROUP_MAX >= 3 && NV == 8) {
+    if (T == 1 && (G == 2 || G == 3)) {  // decode, all G heads of a KV head at once
+      auto pv = G == 2 ? decode_pv_group<NV, 2, I8, Elem> : decode_pv_group<NV, 3, I8, Elem>;
+      for (int64_t hk = 0; hk < HK; ++hk)
+        pv(scores + hk * G * KV_SPLIT, n_keys[0], vc, slots, kv_stride, hk, D, kv.v_scale, HK, hk == 0 ? n_max : 0,
+           acc + hk * G * D);
+      return;
+    }
+  }
   if (T == 1) {  // decode: each head reads its V rows from the cache (L1 after its group's first
     // head), no buffer; the same products in the same order as the buffered path below
     for (int64_t h = 0; h < H; ++h) {

@@ -72,7 +72,7 @@ def test_block_linear_matches_gguf_dequantize(qtype: str, isa: str):
     w, deq = gguf_weight(qtype, m, k, seed=1)
     bias = torch.randn(m)
     linear = ops.BlockLinear(w, GGML_TYPES[qtype], k, 2, isa)
-    for n in (1, 2, 3, 5, 17):
+    for n in (1, 2, 3, 5, 17, 100):  # 100: rows in L1-sized chunks (40 at k = 576)
         x = torch.randn(n, k)
         want = quantize_rows_reference(x) @ deq.T + bias.double()
         got = linear(x, bias)
@@ -86,7 +86,7 @@ def test_block_linear_matches_gguf_dequantize(qtype: str, isa: str):
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
 def test_isas_bit_identical_and_rows_batch_invariant(qtype: str):
     w, _ = gguf_weight(qtype, 64, 256, seed=2)
-    x = torch.randn(11, 256)
+    x = torch.randn(130, 256)  # two chunks of rows (96 at 256 columns)
     qt = GGML_TYPES[qtype]
     ref = ops.BlockLinear(w, qt, 256, 1, "avx2")(x)
     for isa in ISAS:
@@ -94,7 +94,7 @@ def test_isas_bit_identical_and_rows_batch_invariant(qtype: str):
             got = ops.BlockLinear(w, qt, 256, threads, isa)(x)
             assert torch.equal(got, ref), (isa, threads)
     alone = ops.BlockLinear(w, qt, 256, 1, ISAS[-1])
-    for i in (0, 5, 10):  # a row alone is the same bits as in the batch of 11
+    for i in (0, 5, 129):  # a row alone is the same bits as in the batch of 130
         assert torch.equal(alone(x[i : i + 1])[0], ref[i])
 
 
@@ -296,12 +296,20 @@ def test_thread_pool_survives_a_busy_core(tmp_path):
 
 
 @pytest.mark.parametrize("cache_cls", [KVCache, Int8KVCache])
-def test_prefill_tile_and_decode_give_the_same_bits(tmp_path, cache_cls):
+@pytest.mark.parametrize(
+    "heads",
+    [{}, {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1},
+     {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}],
+    ids=["head_dim16", "head_dim64_gqa2", "head_dim64_gqa3"],
+)  # fmt: skip
+def test_prefill_tile_and_decode_give_the_same_bits(tmp_path, cache_cls, heads):
     """A token's logits are the same bits whether it is computed inside a prefill tile (several
     query tokens per attention item, V from the tile buffer) or as a decode step (one token, V
-    read from the cache). Across the 256-position attention split on the default model:
-    tests/test_real_model.py (this tiny model's positions end at 256)."""
-    path = write_gguf(hf_model("llama", seed=8), "llama", tmp_path / "m.gguf", "Q4_1")
+    read from the cache; at head_dim 64, for 2 or 3 query heads per KV head, those heads'
+    products in one pass over the V rows). Across the 256-position attention split on the
+    default model: tests/test_real_model.py (this tiny model's positions end at 256)."""
+    model = hf_model("llama", seed=8, **heads)
+    path = write_gguf(model, "llama", tmp_path / "m.gguf", "Q4_1")
     ckpt = read_gguf(path)
     native = build_native_step(ckpt, threads=2)
     c, n, split_at = ckpt.config, 240, 200
