@@ -205,6 +205,7 @@ class LLMEngine:
         grammar = self.structured.start_step([s.request.matcher for s in states])
         logits = self.runner.execute(inp)
         first = [0, *itertools.accumulate(inp.num_rows)][:-1]  # each request's first row
+        argmax = self.runner.greedy_tokens(logits.shape[0])
         tokens = sample(
             logits if len(first) == logits.shape[0] else logits[first],
             [s.params for s in states],
@@ -212,6 +213,7 @@ class LLMEngine:
             [s.request.output_token_ids for s in states],
             [s.generator for s in states],
             grammar,
+            None if argmax is None else [argmax[i] for i in first],
         )
         self.num_prompt_tokens += sum(self._prompt_tokens_in(s) for s in out.scheduled)
         sampled = {}

@@ -110,3 +110,10 @@ class ModelRunner:
             self.model.hidden_states(inp.input_ids, inp.meta, self.kv_cache)
             return torch.empty(0, self.model.config.vocab_size)
         return self.model(inp.input_ids, inp.meta, self.kv_cache, inp.logits_index)
+
+    def greedy_tokens(self, rows: int) -> list[int] | None:
+        """The argmax of each of the last `execute`'s `rows` logit rows when the model found
+        them with the logits (the native step), else None."""
+        find = getattr(self.model, "greedy_tokens", None)
+        tokens = find() if find is not None and rows else None
+        return tokens.tolist() if tokens is not None and len(tokens) == rows else None

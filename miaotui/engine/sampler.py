@@ -103,14 +103,19 @@ def sample(
     output_ids: list[list[int]],
     generators: list[torch.Generator | None],
     grammar: GrammarStep | None = None,
+    argmax: list[int] | None = None,
 ) -> list[SampledToken]:
-    """logits: (B, V) -> one token per row. Plain greedy rows take one batched argmax. Rows
+    """logits: (B, V) -> one token per row. Plain greedy rows take one batched argmax, or
+    `argmax` when the model found it with the logits (-1: a row it left to this one). Rows
     under a structured-output constraint (`grammar`) sample among the tokens it allows, and
     their matchers then consume the chosen tokens."""
     logits = logits.float()
     if grammar is not None:
         logits = grammar.apply(logits)
-    greedy = torch.argmax(logits, dim=-1).tolist()
+        argmax = None  # the constraint's masked logits have their own
+    greedy = argmax
+    if greedy is None or -1 in greedy:
+        greedy = torch.argmax(logits, dim=-1).tolist()
     out = []
     for b, p in enumerate(params):
         if needs_full_sampler(p):

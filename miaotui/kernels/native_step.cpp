@@ -732,6 +732,7 @@ class NativeModel {
   at::Tensor logits(ThreadPool& pool, const at::Tensor& logits_index) {
     const int64_t S = logits_index.numel();
     at::Tensor out = at::empty({S, V_}, at::TensorOptions().dtype(at::kFloat));
+    greedy_.clear();
     if (S == 0) return out;
     const int64_t* rows = logits_index.data_ptr<int64_t>();
     const int64_t N = static_cast<int64_t>(x_.size()) / C_;
@@ -743,11 +744,68 @@ class NativeModel {
     quantize_all(pool, k_, hs.data(), S, C_, qa_);
     items_.clear();
     add_items(items_, head_, out.data_ptr<float>(), V_, nullptr, item_rows(V_, S, pool.size()));
-    run_linears(pool, k_, qa_, items_);
-    if (shard_.gather.is_none()) return out;
+    const bool whole_vocab = shard_.gather.is_none();
+    item_best_.resize(items_.size() * S);
+    pool.run(static_cast<int64_t>(items_.size()), [&](int64_t i) {
+      const LinearItem& it = items_[i];
+      k_.linear_rows(*it.w, qa_, it.r0, it.r1, it.out, it.ldo, it.bias);
+      if (whole_vocab)  // each row's best of this item's logits, while they are in cache
+        for (int64_t r = 0; r < S; ++r) item_best_[i * S + r] = first_max(it.out + r * V_ + it.r0, it.r1 - it.r0, it.r0);
+    });
+    greedy_.assign(whole_vocab ? S : 0, -1);
+    for (int64_t r = 0; r < static_cast<int64_t>(greedy_.size()); ++r) {
+      Best best{-INFINITY, -1, false};
+      for (size_t i = 0; i < items_.size(); ++i) {  // items in vocabulary order: ties keep the first
+        const Best& b = item_best_[i * S + r];
+        best.nan |= b.nan;
+        if (b.index >= 0 && (best.index < 0 || b.value > best.value)) best = {b.value, b.index, best.nan};
+      }
+      greedy_[r] = best.nan ? -1 : best.index;
+    }
+    if (whole_vocab) return out;
     py::gil_scoped_acquire gil;
     return shard_.gather(GATHER_LOGITS, out).cast<at::Tensor>();
   }
+
+  // The largest of x[0, n) and its first index (+ offset); whether a NaN is among them.
+  struct Best {
+    float value;
+    int64_t index;
+    bool nan;
+  };
+  static Best first_max(const float* x, int64_t n, int64_t offset) {
+    __m256 mv = _mm256_set1_ps(-INFINITY), unordered = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      mv = _mm256_max_ps(v, mv);  // a NaN in v keeps mv
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, mv);
+    float m = lanes[0];
+    for (int i = 1; i < 8; ++i) m = std::max(m, lanes[i]);
+    bool nan = _mm256_movemask_ps(unordered) != 0;
+    for (; j < n; ++j) {
+      nan |= x[j] != x[j];
+      m = x[j] > m ? x[j] : m;
+    }
+    j = 0;
+    while (j < n && !(x[j] == m)) ++j;
+    return {m, j < n ? offset + j : -1, nan};
+  }
+
+ public:
+  // The greedy token of each row of the last forward's logits (its first largest logit,
+  // torch.argmax's choice), found while the output head's items were in cache; -1 for a row
+  // holding a NaN. Empty under tensor parallelism (a rank holds part of the vocabulary).
+  at::Tensor greedy() const {
+    at::Tensor t = at::empty({static_cast<int64_t>(greedy_.size())}, at::TensorOptions().dtype(at::kLong));
+    std::copy(greedy_.begin(), greedy_.end(), t.data_ptr<int64_t>());
+    return t;
+  }
+
+ private:
 
   const int64_t C_, H_, KVH_, D_, F_, V_;
   const float eps_;
@@ -769,6 +827,8 @@ class NativeModel {
   std::vector<float> part_m_, part_l_, part_acc_;  // attention partials per (split, kv head, head)
   QuantActs qa_;
   std::vector<LinearItem> items_;
+  std::vector<Best> item_best_;  // (head item, row): the item's best logit of the row
+  std::vector<int64_t> greedy_;
 };
 
 // y (N, M) = x W^T (+ bias) for one GGUF block weight, interleaved once at construction (tests
@@ -819,6 +879,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("isa"), py::arg("shard") = py::none())
       .def("add_layer", &NativeModel::add_layer)
       .def("forward", &NativeModel::forward, py::call_guard<py::gil_scoped_release>())
+      .def("greedy", &NativeModel::greedy)
       .def("set_threads", &NativeModel::set_threads)
       .def_property_readonly("threads", &NativeModel::threads)
       .def_property_readonly("isa", &NativeModel::isa);

@@ -108,6 +108,13 @@ class NativeStepModel:
             -1 if num_layers is None else num_layers,
         )
 
+    def greedy_tokens(self) -> torch.Tensor | None:
+        """(S,) the greedy token of each row of the last call's logits (torch.argmax's choice,
+        found while the output head's results were in cache; -1 for a row holding a NaN), or
+        None when this rank holds only part of the vocabulary."""
+        tokens = self.native.greedy()
+        return tokens if tokens.numel() else None
+
     def hidden_states(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache
     ) -> None:

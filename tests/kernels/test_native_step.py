@@ -277,6 +277,26 @@ def test_native_model_same_logits_alone_and_in_a_batch(tmp_path):
     assert torch.equal(batched, torch.cat(alone))
 
 
+def test_greedy_tokens_are_torch_argmax_of_the_logits_ties_to_the_first(tmp_path):
+    """The argmax the step finds with the output head is torch.argmax of the logits it returns,
+    across the head's work items (16 vocabulary rows each at this size), and a tie goes to the
+    first token: the second half of the vocabulary repeats the first half's head rows."""
+    model = hf_model("llama", seed=11)  # untied: the head is its own weight
+    with torch.no_grad():
+        model.lm_head.weight[64:] = model.lm_head.weight[:64]
+    ckpt = read_gguf(write_gguf(model, "llama", tmp_path / "m.gguf", "Q8_0"))
+    native = build_native_step(ckpt, threads=2)
+    c = ckpt.config
+    cache = KVCache(c.n_layers, 16 * 4, c.n_kv_heads, c.head_dim, torch.float16, "cpu")
+    ids = torch.randint(0, c.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        logits = native(ids, build_attention_metadata([0], [40], [list(range(1, 12))], 4), cache)
+    got = native.greedy_tokens()
+    assert torch.equal(logits[:, 64:], logits[:, :64])  # every row's best is tied
+    assert got is not None and torch.equal(got, torch.argmax(logits, dim=-1))
+    assert int(got.max()) < 64
+
+
 def test_thread_pool_survives_a_busy_core(tmp_path):
     """Two pool threads with a third process spinning on the 2-core box: the step completes (no
     barrier that waits forever for a descheduled thread) and gives the same logits."""
