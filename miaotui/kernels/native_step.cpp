@@ -136,11 +136,13 @@ struct KVRows {
 struct QuantActs {
   int64_t N = 0, K = 0;
   std::vector<int8_t> q;
+  std::vector<uint8_t> u;  // q + 128: the unsigned operand of the VNNI kernels' Q8_0 products
   std::vector<float> d, s;
   void resize(int64_t n, int64_t k) {
     N = n;
     K = k;
     q.resize(n * k);
+    u.resize(n * k);
     d.resize(n * k / QK);
     s.resize(n * k / QK);
   }
