@@ -157,6 +157,10 @@ class PipelineRunner(ModelRunner):
         groups = split_micro_batches(out.scheduled, self.num_micro_batches)
         return PipelineInput([self.build_input(g) for g in groups])
 
+    def greedy_tokens(self, rows: int) -> list[int] | None:
+        """None: the logits come from the last stage's head, not from this stage's model."""
+        return None
+
     @torch.inference_mode()
     def execute(self, inp: PipelineInput) -> torch.Tensor:
         first, last = self.stage == 0, self.stage == self.num_stages - 1

@@ -140,6 +140,9 @@ class DriverRunner:
         self.steps += 1
         return logits
 
+    def greedy_tokens(self, rows: int) -> list[int] | None:
+        return self.inner.greedy_tokens(rows)
+
     def shutdown(self) -> None:
         """Tell the workers to exit (best effort: some may be gone) and leave the group."""
         if self.closed:
