@@ -497,6 +497,15 @@ class NativeModel {
   int64_t threads() const { return pool_->size(); }
   std::string isa() const { return k_.name; }
 
+  // The greedy token of each row of the last forward's logits (its first largest logit,
+  // torch.argmax's choice), found while the output head's items were in cache; -1 for a row
+  // holding a NaN. Empty under tensor parallelism (a rank holds part of the vocabulary).
+  at::Tensor greedy() const {
+    at::Tensor t = at::empty({static_cast<int64_t>(greedy_.size())}, at::TensorOptions().dtype(at::kLong));
+    std::copy(greedy_.begin(), greedy_.end(), t.data_ptr<int64_t>());
+    return t;
+  }
+
   // token_ids, positions, seq_index, slot_mapping: (N,); block_table: (B, n_blocks) cache block
   // of every block_size context positions of each sequence; logits_index: (S,) rows to return
   // logits for.
@@ -796,18 +805,6 @@ class NativeModel {
     while (j < n && !(x[j] == m)) ++j;
     return {m, j < n ? offset + j : -1, nan};
   }
-
- public:
-  // The greedy token of each row of the last forward's logits (its first largest logit,
-  // torch.argmax's choice), found while the output head's items were in cache; -1 for a row
-  // holding a NaN. Empty under tensor parallelism (a rank holds part of the vocabulary).
-  at::Tensor greedy() const {
-    at::Tensor t = at::empty({static_cast<int64_t>(greedy_.size())}, at::TensorOptions().dtype(at::kLong));
-    std::copy(greedy_.begin(), greedy_.end(), t.data_ptr<int64_t>());
-    return t;
-  }
-
- private:
 
   const int64_t C_, H_, KVH_, D_, F_, V_;
   const float eps_;
