@@ -266,9 +266,11 @@ inline void group_x_acts(const uint8_t* grp, int64_t valid, const QuantActs& a, 
   case TT:                                                                                  \
     if constexpr (TT <= TILE_T) {                                                           \
       if constexpr (MIAOTUI_VNNI && QT == QT_Q8_0 && TT > 1) /* one row: sum(w) unshared */ \
-        group_tile_q8_offset<TT>(grp, nb, a.u.data() + t0 * K, K, xd, res);                 \
-      else                                                                                  \
-        group_tile<QT, TT>(grp, nb, xq, K, xd, xs, res);                                    \
+        if (a.has_u) {                                                                      \
+          group_tile_q8_offset<TT>(grp, nb, a.u.data() + t0 * K, K, xd, res);               \
+          break;                                                                            \
+        }                                                                                   \
+      group_tile<QT, TT>(grp, nb, xq, K, xd, xs, res);                                      \
     }                                                                                       \
     break;
       MIAOTUI_T_CASE(1)
@@ -337,11 +339,12 @@ void quantize_rows(const float* x, int64_t n0, int64_t n1, QuantActs& a) {
   for (int64_t n = n0; n < n1; ++n) {
     quantize_row(x + n * K, K, a.q.data() + n * K, a.d.data() + n * nb, a.s.data() + n * nb);
 #if MIAOTUI_VNNI
-    for (int64_t k = 0; k < K; k += 32) {  // K % 32 == 0
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + n * K + k));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.u.data() + n * K + k),
-                          _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))));
-    }
+    if (a.has_u)
+      for (int64_t k = 0; k < K; k += 32) {  // K % 32 == 0
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + n * K + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.u.data() + n * K + k),
+                            _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))));
+      }
 #endif
   }
 }

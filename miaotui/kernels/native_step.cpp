@@ -136,13 +136,15 @@ struct KVRows {
 struct QuantActs {
   int64_t N = 0, K = 0;
   std::vector<int8_t> q;
+  bool has_u = false;      // u filled: only for Q8_0 weights, which the VNNI kernels read it for
   std::vector<uint8_t> u;  // q + 128: the unsigned operand of the VNNI kernels' Q8_0 products
   std::vector<float> d, s;
-  void resize(int64_t n, int64_t k) {
+  void resize(int64_t n, int64_t k, bool with_u) {
     N = n;
     K = k;
     q.resize(n * k);
-    u.resize(n * k);
+    has_u = with_u;
+    if (with_u) u.resize(n * k);
     d.resize(n * k / QK);
     s.resize(n * k / QK);
   }
@@ -358,8 +360,14 @@ void run_linears(ThreadPool& pool, const Kernels& k, const QuantActs& a, std::ve
   });
 }
 
-void quantize_all(ThreadPool& pool, const Kernels& k, const float* x, int64_t N, int64_t K, QuantActs& a) {
-  a.resize(N, K);
+bool any_q8_0(std::initializer_list<const Weight*> ws) {
+  return std::any_of(ws.begin(), ws.end(), [](const Weight* w) { return w->qtype == QT_Q8_0; });
+}
+
+// with_u: also the codes + 128, for the products with Q8_0 weights that follow (any_q8_0).
+void quantize_all(ThreadPool& pool, const Kernels& k, const float* x, int64_t N, int64_t K, QuantActs& a,
+                  bool with_u) {
+  a.resize(N, K, with_u);
   constexpr int64_t ROWS = 8;
   pool.run((N + ROWS - 1) / ROWS, [&](int64_t i) { k.quantize_rows(x, i * ROWS, std::min(N, (i + 1) * ROWS), a); });
 }
@@ -574,7 +582,7 @@ class NativeModel {
       if (i8) kv = {kv.k, kv.v, k_scale[l].data_ptr<float>(), v_scale[l].data_ptr<float>()};
       // attention
       norm_rows(x_.data(), Ly.attn_norm.data_ptr<float>(), N, h_.data());
-      quantize_all(pool, k_, h_.data(), N, C_, qa_);
+      quantize_all(pool, k_, h_.data(), N, C_, qa_, any_q8_0({&Ly.wq, &Ly.wk, &Ly.wv}));
       items_.clear();
       const int64_t rows = item_rows(qkvd, N, T);
       add_items(items_, Ly.wq, qkv_.data(), qkvd, opt(Ly.bq), rows);
@@ -590,18 +598,20 @@ class NativeModel {
         write_kv(kv, q + qd, wslot[n]);
       });
       attention(pool, kv, pos, seq, {table, nbt, block_size}, N);
-      quantize_all(pool, k_, gathered(GATHER_ATTN, attn_, N, qd, shard_.n_heads * D_), N, shard_.n_heads * D_, qa_);
+      quantize_all(pool, k_, gathered(GATHER_ATTN, attn_, N, qd, shard_.n_heads * D_), N, shard_.n_heads * D_, qa_,
+                   any_q8_0({&Ly.wo}));
       linear_gathered(Ly.wo, GATHER_ATTN_OUT, N);
       // feed-forward
       norm_rows(x_.data(), Ly.ffn_norm.data_ptr<float>(), N, h_.data());
-      quantize_all(pool, k_, h_.data(), N, C_, qa_);
+      quantize_all(pool, k_, h_.data(), N, C_, qa_, any_q8_0({&Ly.w_gate, &Ly.w_up}));
       items_.clear();
       const int64_t frows = item_rows(2 * F_, N, T);
       add_items(items_, Ly.w_gate, gu_.data(), 2 * F_, nullptr, frows);
       add_items(items_, Ly.w_up, gu_.data() + F_, 2 * F_, nullptr, frows);
       run_linears(pool, k_, qa_, items_);
       pool.run(N, [&](int64_t n) { k_.silu_mul(gu_.data() + n * 2 * F_, gu_.data() + n * 2 * F_ + F_, F_, act_.data() + n * F_); });
-      quantize_all(pool, k_, gathered(GATHER_FFN, act_, N, F_, shard_.ffn), N, shard_.ffn, qa_);
+      quantize_all(pool, k_, gathered(GATHER_FFN, act_, N, F_, shard_.ffn), N, shard_.ffn, qa_,
+                   any_q8_0({&Ly.w_down}));
       linear_gathered(Ly.w_down, GATHER_FFN_OUT, N);
     }
     return logits(pool, logits_index);
@@ -752,7 +762,7 @@ class NativeModel {
       TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "logits_index ", rows[i], " out of range");
       k_.rms_norm_row(x_.data() + rows[i] * C_, final_norm_.data_ptr<float>(), eps_, C_, hs.data() + i * C_);
     }
-    quantize_all(pool, k_, hs.data(), S, C_, qa_);
+    quantize_all(pool, k_, hs.data(), S, C_, qa_, any_q8_0({&head_}));
     items_.clear();
     add_items(items_, head_, out.data_ptr<float>(), V_, nullptr, item_rows(V_, S, pool.size()));
     const bool whole_vocab = shard_.gather.is_none();
@@ -843,7 +853,7 @@ class BlockLinear {
     const int64_t N = x.size(0);
     at::Tensor b;
     if (bias.has_value()) b = f32_vector(bias->to(at::kFloat).contiguous(), w_.rows, "bias");
-    quantize_all(*pool_, k_, x.data_ptr<float>(), N, w_.cols, qa_);
+    quantize_all(*pool_, k_, x.data_ptr<float>(), N, w_.cols, qa_, any_q8_0({&w_}));
     at::Tensor out = at::empty({N, w_.rows}, x.options());
     std::vector<LinearItem> items;
     add_items(items, w_, out.data_ptr<float>(), w_.rows, b.defined() ? b.data_ptr<float>() : nullptr,
